@@ -1,0 +1,350 @@
+#include "actors/node.hpp"
+
+#include "actors/module_host.hpp"
+#include "actors/node_control_impl.hpp"
+#include "actors/plugin_loader.hpp"
+#include "gateway/control_server.hpp"
+#include "gateway/io_thread.hpp"
+#include "runtime/agent.hpp"
+#include "runtime/atoms.hpp"
+#include "runtime/clock.hpp"
+#include "runtime/manifest.hpp"
+#include "runtime/router.hpp"
+#include "runtime/store.hpp"
+#include "runtime/store_actor.hpp"
+#include "runtime/supervisor.hpp"
+
+#include <caf/all.hpp>
+#include <spdlog/spdlog.h>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace canopy {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+expected<std::string> read_file(const std::string& path) {
+  std::ifstream in{path, std::ios::binary};
+  if (!in)
+    return make_error(errc::not_found, "cannot read manifest " + path + ": " + std::strerror(errno));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string host_name() {
+  char buf[256] = {};
+  if (gethostname(buf, sizeof(buf) - 1) != 0)
+    return "canopy-node";
+  return buf;
+}
+
+manifest_options options_for(plugin_loader& loader, std::string base_dir) {
+  manifest_options mo;
+  mo.base_dir = std::move(base_dir);
+  mo.resolve_library = [&loader](std::string_view lib, const std::string& dir) {
+    return loader.resolve(lib, dir);
+  };
+  return mo;
+}
+
+/// Maps Azure's restartPolicy onto OTP restart types and health checking.
+child_spec module_child_spec(const module_spec& m) {
+  child_spec c;
+  c.id = m.name;
+  switch (m.restart) {
+    case restart_policy::never:
+      c.restart = restart_type::temporary;
+      break;
+    case restart_policy::on_failure:
+      c.restart = restart_type::transient;
+      break;
+    case restart_policy::on_unhealthy:
+      c.restart = restart_type::transient;
+      c.health = {m.health.period, m.health.deadline};
+      break;
+    case restart_policy::always:
+      c.restart = restart_type::permanent;
+      c.health = {m.health.period, m.health.deadline};
+      break;
+  }
+  c.restart_when_unhealthy = true;
+  c.own_limit = restart_intensity{m.limits.max_restarts, m.limits.within};
+  c.backoff = backoff_policy{m.limits.backoff_base, m.limits.backoff_cap, m.limits.stable_period,
+                             m.limits.jitter};
+  return c;
+}
+
+}  // namespace
+
+/// Handles of the node's long-lived actors, refreshed when a supervisor restarts
+/// one; read by child start functions and the control bridge.
+struct node_handles {
+  mutable std::mutex mtx;
+  caf::actor store, router, modules, agent;
+
+  caf::actor get(caf::actor node_handles::*which) const {
+    std::lock_guard<std::mutex> guard{mtx};
+    return this->*which;
+  }
+  void set(caf::actor node_handles::*which, caf::actor a) {
+    std::lock_guard<std::mutex> guard{mtx};
+    this->*which = std::move(a);
+  }
+};
+
+struct node::impl {
+  node_options opts;
+  std::unique_ptr<log_hub> logs;
+  system_clock clk;
+  std::shared_ptr<node_store> store;
+  std::unique_ptr<plugin_loader> loader;
+  std::unique_ptr<caf::actor_system_config> cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  node_handles handles;
+  caf::actor root;
+  std::unique_ptr<node_control_impl> control;
+  std::unique_ptr<io_thread> io;
+  std::unique_ptr<control_server> server;
+  bool stopped = false;
+};
+
+node::node(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+
+node::~node() { stop(); }
+
+expected<void> check_manifest_file(const std::string& path, const std::vector<std::string>& module_path) {
+  auto text = read_file(path);
+  if (!text)
+    return std::move(text).err();
+  plugin_loader loader{make_builtin_catalog()};
+  for (auto& d : module_path)
+    loader.add_search_dir(d);
+  auto base = fs::absolute(fs::path{path}).parent_path().string();
+  auto dep = parse_manifest(*text, options_for(loader, base));
+  if (!dep)
+    return make_error(dep.err().code, path + ":\n" + dep.err().message);
+  return {};
+}
+
+expected<std::unique_ptr<node>> node::start(node_options opts) {
+  auto p = std::make_unique<impl>();
+  auto& n = *p;
+  n.opts = std::move(opts);
+  if (n.opts.device_id.empty())
+    n.opts.device_id = host_name();
+  // 1. Logging.
+  if (n.opts.log.dir.empty())
+    n.opts.log.dir = (fs::path{n.opts.data_dir} / "logs").string();
+  std::error_code ec;
+  fs::create_directories(n.opts.data_dir, ec);
+  auto logs = log_hub::create(n.opts.log);
+  if (!logs)
+    return std::move(logs).err();
+  n.logs = std::move(*logs);
+  n.logs->make_default();
+  // 2. The store: a corrupt or unwritable one stops the node here, loudly.
+  auto store = node_store::open(n.opts.data_dir, &n.clk);
+  if (!store)
+    return std::move(store).err();
+  n.store = std::move(*store);
+  // 3. Module loading and the deployment to run.
+  n.loader = std::make_unique<plugin_loader>(make_builtin_catalog());
+  for (auto& d : n.opts.module_path)
+    n.loader->add_search_dir(d);
+  std::optional<deployment> initial;
+  if (!n.opts.manifest_path.empty()) {
+    auto text = read_file(n.opts.manifest_path);
+    if (!text)
+      return std::move(text).err();
+    auto base = fs::absolute(fs::path{n.opts.manifest_path}).parent_path().string();
+    auto dep = parse_manifest(*text, options_for(*n.loader, base));
+    if (!dep)
+      return make_error(dep.err().code, n.opts.manifest_path + ":\n" + dep.err().message);
+    initial = std::move(*dep);
+    spdlog::info("running manifest {}", n.opts.manifest_path);
+  } else {
+    auto last = n.store->load_deployment();
+    if (!last)
+      return std::move(last).err();
+    if (*last) {
+      auto dep = parse_manifest((*last)->manifest_json, options_for(*n.loader, (*last)->base_dir));
+      if (dep) {
+        initial = std::move(*dep);
+        spdlog::info("running the last applied deployment (version {})", (*last)->version);
+      } else {
+        spdlog::error("the last applied deployment no longer validates; running none: {}",
+                      dep.err().message);
+      }
+    } else {
+      spdlog::info("no manifest and no previous deployment: waiting for `canopyctl deploy`");
+    }
+  }
+  std::vector<module_row> rows;
+  std::map<std::string, std::string> reported;
+  if (auto states = n.store->load_module_states())
+    for (auto& s : *states) {
+      module_row r;
+      r.name = s.name;
+      r.status = s.status;
+      r.restart_count = s.restart_count;
+      r.last_start_ms = s.last_start_ms;
+      r.last_exit_ms = s.last_exit_ms;
+      r.last_exit_reason = s.last_exit_reason;
+      rows.push_back(std::move(r));
+      if (auto rep = n.store->load_reported(s.name); rep && *rep)
+        reported.emplace(s.name, **rep);
+    }
+  // 4. The actor system and the tree.
+  n.cfg = std::make_unique<caf::actor_system_config>();
+  n.cfg->set("logger.verbosity", caf::atom("quiet"));
+  // Bound how long one busy actor keeps a worker (fairness between modules).
+  n.cfg->set("scheduler.max-throughput", 500);
+  if (n.opts.worker_threads > 0)
+    n.cfg->set("scheduler.max-threads", n.opts.worker_threads);
+  n.sys = std::make_unique<caf::actor_system>(*n.cfg);
+  auto* hp = &n.handles;
+  auto* np = &n;
+
+  supervisor_config root_cfg;
+  root_cfg.name = "root";
+  root_cfg.strategy = supervision_strategy::rest_for_one;
+  root_cfg.intensity = restart_intensity{5, std::chrono::seconds{60}};
+  root_cfg.backoff.base = std::chrono::milliseconds{100};
+  root_cfg.clk = &n.clk;
+
+  child_spec store_child;
+  store_child.id = "store";
+  store_child.start = [hp, np](caf::actor_system& sys) {
+    auto a = spawn_store_actor(sys, np->store, np->clk);
+    hp->set(&node_handles::store, a);
+    return a;
+  };
+  child_spec router_child;
+  router_child.id = "router";
+  router_child.start = [hp](caf::actor_system& sys) {
+    router_config rc;
+    rc.upstream = hp->get(&node_handles::store);
+    auto a = spawn_router(sys, rc);
+    hp->set(&node_handles::router, a);
+    return a;
+  };
+  child_spec modules_child;
+  modules_child.id = "modules";
+  modules_child.start = [hp, np](caf::actor_system& sys) {
+    supervisor_config mc;
+    mc.name = "modules";
+    mc.strategy = supervision_strategy::one_for_one;
+    // Each module has its own budget (own_limit); the modules supervisor as a
+    // whole only escalates on a storm no per-module limit would catch.
+    mc.intensity = restart_intensity{100000, std::chrono::seconds{1}};
+    mc.clk = &np->clk;
+    auto agent = hp->get(&node_handles::agent);
+    mc.observer = agent;
+    auto a = spawn_supervisor(sys, std::move(mc));
+    hp->set(&node_handles::modules, a);
+    if (agent)
+      caf::anon_send(agent, atoms::modules_ready::value, a);
+    return a;
+  };
+  auto persisted_rows = std::make_shared<std::vector<module_row>>(std::move(rows));
+  auto persisted_reported = std::make_shared<std::map<std::string, std::string>>(std::move(reported));
+  auto initial_dep = std::make_shared<std::optional<deployment>>(std::move(initial));
+  child_spec agent_child;
+  agent_child.id = "agent";
+  agent_child.start = [hp, np, persisted_rows, persisted_reported, initial_dep](caf::actor_system& sys) {
+    agent_config ac;
+    ac.router = hp->get(&node_handles::router);
+    ac.store = hp->get(&node_handles::store);
+    ac.clk = &np->clk;
+    ac.persisted_rows = *persisted_rows;
+    ac.persisted_reported = *persisted_reported;
+    // The first agent runs the initial deployment; a restarted one re-reads the
+    // last applied deployment from the store.
+    if (*initial_dep) {
+      ac.initial = std::move(**initial_dep);
+      initial_dep->reset();
+    } else if (auto last = np->store->load_deployment(); last && *last) {
+      auto dep = parse_manifest((*last)->manifest_json, options_for(*np->loader, (*last)->base_dir));
+      if (dep)
+        ac.initial = std::move(*dep);
+    }
+    ac.make_child = [hp, np](const module_spec& m, caf::actor agent) -> expected<child_spec> {
+      auto type = np->loader->load(m.library, m.library_path);
+      if (!type)
+        return std::move(type).err();
+      auto spec = module_child_spec(m);
+      module_host_config hc;
+      hc.name = m.name;
+      hc.device_id = np->opts.device_id;
+      hc.type = *type;
+      hc.settings = m.settings;
+      hc.env = m.env;
+      hc.desired = m.desired_properties;
+      hc.agent = agent;
+      hc.logger = np->logs->module_logger(m.name);
+      spec.start = [hp, hc](caf::actor_system& sys) mutable {
+        hc.router = hp->get(&node_handles::router);
+        return spawn_module_host(sys, hc);
+      };
+      return spec;
+    };
+    auto a = spawn_agent(sys, std::move(ac));
+    hp->set(&node_handles::agent, a);
+    return a;
+  };
+  root_cfg.children = {store_child, router_child, agent_child, modules_child};
+  n.root = spawn_supervisor(*n.sys, std::move(root_cfg));
+  // 5. The control socket on the I/O thread.
+  n.control = std::make_unique<node_control_impl>(
+    *n.sys, [hp] { return hp->get(&node_handles::agent); },
+    [hp] { return hp->get(&node_handles::store); }, *n.logs, *n.loader);
+  if (!n.opts.socket_path.empty()) {
+    n.io = std::make_unique<io_thread>();
+    if (auto r = n.io->start(); !r)
+      return std::move(r).err();
+    n.server = std::make_unique<control_server>(n.opts.socket_path, *n.control);
+    if (auto r = n.server->start(*n.io); !r) {
+      auto err = std::move(r).err();
+      return make_error(err.code, "control socket " + n.opts.socket_path + ": " + err.message);
+    }
+    spdlog::info("control socket: {}", n.opts.socket_path);
+  }
+  spdlog::info("node '{}' started (data dir {})", n.opts.device_id, n.opts.data_dir);
+  return std::unique_ptr<node>{new node(std::move(p))};
+}
+
+void node::stop() {
+  if (!impl_ || impl_->stopped)
+    return;
+  auto& n = *impl_;
+  n.stopped = true;
+  // Ordered shutdown: stop taking requests, then the tree (the root supervisor
+  // stops its children in reverse start order: agent, modules, router, store).
+  if (n.server)
+    n.server->stop();
+  if (n.io)
+    n.io->stop();
+  if (n.root) {
+    caf::scoped_actor self{*n.sys};
+    self->monitor(n.root);
+    self->send_exit(n.root, caf::exit_reason::user_shutdown);
+    self->receive([](const caf::down_msg&) {}, caf::after(std::chrono::seconds{30}) >> [] {
+      spdlog::warn("the actor tree did not stop within 30 s");
+    });
+  }
+  n.control.reset();
+  n.sys.reset();
+  n.clk.stop();
+  if (n.logs)
+    n.logs->flush();
+  spdlog::info("node stopped");
+}
+
+}  // namespace canopy

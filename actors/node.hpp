@@ -1,0 +1,60 @@
+// One Canopy node: builds the actor tree of DESIGN.md from options, runs it,
+// and stops it in order. main() owns exactly one; tests and benchmarks may own
+// several in one process (nothing here is global).
+//
+// The tree:   root (rest_for_one)
+//             ├── store    — SQLite (runtime/store_actor)
+//             ├── router   — routes between modules and to $upstream
+//             ├── agent    — reconciles the deployment, keeps module state
+//             └── modules  (one_for_one; each module with its own restart budget)
+// Rest-for-one keeps handles fresh: a restarted router restarts the agent and the
+// modules (they send to it); a fresh modules supervisor tells the agent, which
+// starts the deployment's modules in it again.
+#pragma once
+
+#include "runtime/expected.hpp"
+#include "runtime/log.hpp"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace canopy {
+
+struct node_options {
+  std::string data_dir = "/var/lib/canopy";
+  std::string socket_path = "/run/canopy/canopy.sock";  ///< "" = no control socket
+  std::string manifest_path;             ///< "" = run the last applied deployment
+  std::string device_id;                 ///< "" = the host name
+  log_options log;
+  std::vector<std::string> module_path;  ///< extra directories for relative module libraries
+  std::size_t worker_threads = 0;        ///< 0 = CAF's default
+};
+
+/// A running node.
+class node {
+ public:
+  /// Opens the store, loads the manifest (or the last deployment), starts the
+  /// actor tree and the control socket. Errors name the file/field at fault;
+  /// on error nothing keeps running.
+  static expected<std::unique_ptr<node>> start(node_options opts);
+
+  /// Stops in order: control socket, modules, agent, router, store. Idempotent.
+  void stop();
+
+  ~node();
+  node(const node&) = delete;
+  node& operator=(const node&) = delete;
+
+  struct impl;
+
+ private:
+  explicit node(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+/// Reads and validates a manifest file, resolving libraries like the node does.
+/// For `canopy check` and tests.
+expected<void> check_manifest_file(const std::string& path, const std::vector<std::string>& module_path);
+
+}  // namespace canopy

@@ -1,0 +1,185 @@
+#include "actors/node_control_impl.hpp"
+
+#include "actors/plugin_loader.hpp"
+#include "runtime/agent.hpp"
+#include "runtime/atoms.hpp"
+#include "runtime/log.hpp"
+#include "runtime/manifest.hpp"
+#include "runtime/store_actor.hpp"
+
+#include <caf/all.hpp>
+
+namespace canopy {
+
+/// One follow/monitor subscription. The callback runs under `mtx` only while
+/// `active`, so unsubscribe() returning means no callback runs any more.
+struct node_control_impl::subscription {
+  std::mutex mtx;
+  bool active = true;
+  bool is_log = false;
+  std::uint64_t log_follow_id = 0;
+};
+
+namespace {
+
+constexpr auto control_timeout = std::chrono::seconds{30};
+
+error from_caf(const caf::error& err) {
+  // Our actors put the human message in the error's context.
+  auto text = caf::to_string(err);
+  if (err.context().match_elements<std::string>())
+    text = err.context().get_as<std::string>(0);
+  if (err == caf::sec::request_timeout)
+    return make_error(errc::timeout, "the node did not answer in time");
+  return make_error(errc::failed, text);
+}
+
+/// Sends `msg...` to `target` from a short-lived actor and hands the answer to
+/// `on_ok` or the error to `on_err`, on a CAF worker thread.
+template <class OnOk, class OnErr, class... Ts>
+void ask(caf::actor_system& sys, caf::actor target, caf::duration timeout, OnOk on_ok,
+         OnErr on_err, Ts... msg) {
+  if (!target) {
+    on_err(make_error(errc::unavailable, "the node is restarting its core; try again"));
+    return;
+  }
+  sys.spawn([=](caf::event_based_actor* self) {
+    self->request(target, timeout, msg...).then(on_ok, [on_err](caf::error& err) { on_err(from_caf(err)); });
+  });
+}
+
+}  // namespace
+
+node_control_impl::node_control_impl(caf::actor_system& sys, std::function<caf::actor()> agent,
+                                     std::function<caf::actor()> store, log_hub& logs,
+                                     plugin_loader& loader)
+  : sys_(sys), agent_(std::move(agent)), store_(std::move(store)), logs_(logs), loader_(loader) {}
+
+node_control_impl::~node_control_impl() {
+  std::map<subscription_id, std::shared_ptr<subscription>> subs;
+  {
+    std::lock_guard<std::mutex> guard{mtx_};
+    subs.swap(subs_);
+  }
+  for (auto& [id, s] : subs) {
+    std::lock_guard<std::mutex> guard{s->mtx};
+    s->active = false;
+    if (s->is_log)
+      logs_.unfollow(s->log_follow_id);
+  }
+}
+
+void node_control_impl::list(reply_fn<std::vector<module_row>> done) {
+  ask(sys_, agent_(), caf::duration{control_timeout},
+      [done](std::vector<module_row>& rows) { done(std::move(rows)); },
+      [done](error err) { done(std::move(err)); }, atoms::list::value);
+}
+
+void node_control_impl::restart(std::string module, reply_fn<void> done) {
+  ask(sys_, agent_(), caf::duration{control_timeout}, [done]() { done(expected<void>{}); },
+      [done](error err) { done(std::move(err)); }, atoms::restart::value, std::move(module));
+}
+
+void node_control_impl::deploy(std::string manifest_json, std::string base_dir, reply_fn<void> done) {
+  // Validate completely before anything reaches the agent: a bad manifest
+  // never half-applies.
+  manifest_options mo;
+  mo.base_dir = base_dir;
+  mo.resolve_library = [this](std::string_view lib, const std::string& dir) {
+    return loader_.resolve(lib, dir);
+  };
+  auto dep = parse_manifest(manifest_json, mo);
+  if (!dep) {
+    done(std::move(dep).err());
+    return;
+  }
+  ask(sys_, agent_(), caf::duration{control_timeout}, [done]() { done(expected<void>{}); },
+      [done](error err) { done(std::move(err)); }, atoms::deploy::value, std::move(*dep));
+}
+
+void node_control_impl::invoke(std::string module, std::string method, std::string payload_json,
+                               std::chrono::milliseconds timeout, reply_fn<method_reply> done) {
+  auto ms = static_cast<std::uint32_t>(std::max<std::int64_t>(1, timeout.count()));
+  ask(sys_, agent_(), caf::duration{timeout + std::chrono::seconds{5}},
+      [done](method_reply& r) { done(std::move(r)); }, [done](error err) { done(std::move(err)); },
+      atoms::invoke::value, std::move(module), std::move(method), std::move(payload_json), ms);
+}
+
+void node_control_impl::twin(std::string module, reply_fn<twin_doc> done) {
+  ask(sys_, agent_(), caf::duration{control_timeout}, [done](twin_doc& t) { done(std::move(t)); },
+      [done](error err) { done(std::move(err)); }, atoms::twin::value, std::move(module));
+}
+
+void node_control_impl::logs(std::string module, std::size_t tail,
+                             reply_fn<std::vector<std::string>> done) {
+  // Reading a bounded tail of a file: cheap enough to answer from here, but
+  // the contract says the callback runs later, so hand it to a worker.
+  auto lines = logs_.tail(module, tail);
+  sys_.spawn([done, lines = std::move(lines)]() mutable { done(std::move(lines)); });
+}
+
+expected<node_control::subscription_id>
+node_control_impl::follow_logs(std::string module, std::function<void(std::string line)> on_line) {
+  auto sub = std::make_shared<subscription>();
+  sub->is_log = true;
+  auto id = next_id_++;
+  std::weak_ptr<subscription> weak = sub;
+  sub->log_follow_id = logs_.follow(module, [weak, on_line](const std::string& line) {
+    if (auto s = weak.lock()) {
+      std::lock_guard<std::mutex> g{s->mtx};
+      if (s->active)
+        on_line(line);
+    }
+  });
+  std::lock_guard<std::mutex> guard{mtx_};
+  subs_.emplace(id, std::move(sub));
+  return id;
+}
+
+expected<node_control::subscription_id>
+node_control_impl::monitor(std::int64_t after_seq, std::size_t backlog,
+                           std::function<void(upstream_record)> on_record) {
+  auto store = store_();
+  if (!store)
+    return make_error(errc::unavailable, "the node is restarting its store; try again");
+  auto sub = std::make_shared<subscription>();
+  auto id = next_id_++;
+  std::weak_ptr<subscription> weak = sub;
+  auto cb = std::make_shared<std::function<void(upstream_record)>>(
+    [weak, on_record](upstream_record rec) {
+      if (auto s = weak.lock()) {
+        std::lock_guard<std::mutex> g{s->mtx};
+        if (s->active)
+          on_record(std::move(rec));
+      }
+    });
+  {
+    std::lock_guard<std::mutex> guard{mtx_};
+    subs_.emplace(id, sub);
+  }
+  caf::anon_send(store, atoms::subscribe::value, std::uint64_t{id}, after_seq,
+                 std::uint64_t{backlog}, upstream_callback{cb});
+  return id;
+}
+
+void node_control_impl::unsubscribe(subscription_id id) {
+  std::shared_ptr<subscription> sub;
+  {
+    std::lock_guard<std::mutex> guard{mtx_};
+    auto i = subs_.find(id);
+    if (i == subs_.end())
+      return;
+    sub = std::move(i->second);
+    subs_.erase(i);
+  }
+  {
+    std::lock_guard<std::mutex> guard{sub->mtx};
+    sub->active = false;
+  }
+  if (sub->is_log)
+    logs_.unfollow(sub->log_follow_id);
+  else if (auto store = store_())
+    caf::anon_send(store, atoms::unsubscribe::value, std::uint64_t{id});
+}
+
+}  // namespace canopy

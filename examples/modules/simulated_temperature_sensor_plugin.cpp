@@ -1,0 +1,3 @@
+#include "simulated_temperature_sensor.hpp"
+
+CANOPY_MODULE(canopy::examples::simulated_temperature_sensor)

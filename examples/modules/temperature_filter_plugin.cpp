@@ -1,0 +1,3 @@
+#include "temperature_filter.hpp"
+
+CANOPY_MODULE(canopy::examples::temperature_filter)

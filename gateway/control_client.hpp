@@ -1,0 +1,102 @@
+// canopy::control_client — a small synchronous client of the control socket
+// (schemas/control.capnp), used by canopyctl and by integration tests.
+//
+// Threading: a control_client owns a KJ event loop for the thread that created
+// it (KJ allows one per thread), so use it on that thread only and keep at most
+// one alive per thread. Every method blocks until the node answers, the call
+// times out, the connection breaks or a captured signal arrives.
+#pragma once
+
+#include "gateway/control_server.hpp"
+#include "gateway/node_control.hpp"
+#include "runtime/expected.hpp"
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace canopy {
+
+/// When follow_logs() / monitor() return (besides errors and interrupts).
+struct stream_options {
+  std::size_t max_count = 0;                       ///< after this many items; 0 = no limit
+  std::chrono::milliseconds max_duration{0};       ///< after this long; 0 = no limit
+  std::function<void(std::uint64_t)> on_dropped;   ///< told when the node dropped items for us (too slow)
+};
+
+/// A connection to a running node's control socket.
+class control_client {
+ public:
+  /// Connects to the control socket at `socket_path`. On failure the error
+  /// (errc::unavailable) reads "cannot connect to the canopy node at PATH: WHY
+  /// (is `canopy run` running? use --socket or CANOPY_SOCKET)".
+  static expected<control_client> connect(const std::string& socket_path);
+
+  /// Closes the connection (the node ends this client's subscriptions).
+  ~control_client();
+  control_client(control_client&&) noexcept;
+  control_client& operator=(control_client&&) noexcept;
+  control_client(const control_client&) = delete;
+  control_client& operator=(const control_client&) = delete;
+
+  /// The modules of the current deployment.
+  expected<std::vector<module_row>> list();
+
+  /// Restarts `module` now.
+  expected<void> restart(const std::string& module);
+
+  /// Validates and applies a manifest; relative paths resolve against `base_dir`.
+  /// A validation error comes back exactly as the node words it.
+  expected<void> deploy(const std::string& manifest_json, const std::string& base_dir);
+
+  /// Calls direct method `method` of `module`; the node enforces `timeout`
+  /// (this client waits that long plus the call timeout).
+  expected<method_reply> invoke(const std::string& module, const std::string& method,
+                                const std::string& payload_json, std::chrono::milliseconds timeout);
+
+  /// The module's twin.
+  expected<twin_doc> twin(const std::string& module);
+
+  /// The last `tail` log lines of `module`, oldest first.
+  expected<std::vector<std::string>> logs(const std::string& module, std::size_t tail);
+
+  /// Streams new log lines of `module` to `on_line` (return false to stop) until
+  /// a limit of `options` is reached or an interrupt; returns the number of lines
+  /// delivered. Errors: what the node answered, or the connection's loss.
+  expected<std::size_t> follow_logs(const std::string& module,
+                                    const std::function<bool(const std::string&)>& on_line,
+                                    const stream_options& options = {});
+
+  /// Streams $upstream messages (first the stored ones with seq > after_seq, at
+  /// most `backlog`, then new ones) to `on_record`, like follow_logs().
+  expected<std::size_t> monitor(std::int64_t after_seq, std::size_t backlog,
+                                const std::function<bool(const upstream_record&)>& on_record,
+                                const stream_options& options = {});
+
+  /// How long a call other than invoke() may take before it fails with
+  /// errc::timeout (default 60 s).
+  void set_call_timeout(std::chrono::milliseconds timeout);
+
+  /// Makes signal `signo` (e.g. SIGINT) end the current wait: a stream returns
+  /// what it has delivered, any other call fails with "interrupted"; then
+  /// interrupted() is true. Captures the signal process-wide (it is blocked and
+  /// read through the event loop), so call it before starting other threads.
+  void interrupt_on(int signo);
+
+  /// True once a captured signal ended a wait.
+  bool interrupted() const noexcept;
+
+  /// The socket path this client connected to.
+  const std::string& socket_path() const noexcept;
+
+ private:
+  struct impl;
+  explicit control_client(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace canopy

@@ -1,0 +1,481 @@
+#include "gateway/control_server.hpp"
+
+// GCC 12 reports a false -Wmaybe-uninitialized inside std::variant when an
+// expected<T> is moved through a kj::Promise (ExceptionOr<expected<T>>).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include "gateway/io_thread.hpp"
+
+#include <control.capnp.h>
+
+#include <capnp/rpc-twoparty.h>
+#include <kj/debug.h>
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <system_error>
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+namespace canopy {
+
+namespace {
+
+// --- Results ---------------------------------------------------------------
+
+schema::ErrorCode to_schema(errc code) {
+  switch (code) {
+    case errc::invalid_argument: return schema::ErrorCode::INVALID_ARGUMENT;
+    case errc::not_found: return schema::ErrorCode::NOT_FOUND;
+    case errc::incompatible: return schema::ErrorCode::INCOMPATIBLE;
+    case errc::io_error: return schema::ErrorCode::IO_ERROR;
+    case errc::store_error: return schema::ErrorCode::STORE_ERROR;
+    case errc::timeout: return schema::ErrorCode::TIMEOUT;
+    case errc::unavailable: return schema::ErrorCode::UNAVAILABLE;
+    case errc::failed: return schema::ErrorCode::FAILED;
+  }
+  return schema::ErrorCode::FAILED;
+}
+
+void set_error(schema::Status::Builder status, const error& err) {
+  status.setCode(to_schema(err.code));
+  status.setMessage(err.message);
+}
+
+/// Fills `status` from `result`; true if it is a success.
+template <class T>
+bool set_status(schema::Status::Builder status, const expected<T>& result) {
+  if (result) {
+    status.setCode(schema::ErrorCode::OK);
+    return true;
+  }
+  set_error(status, result.err());
+  return false;
+}
+
+// --- Hand-off of one reply from an arbitrary thread to the I/O thread --------
+
+template <class T>
+struct reply_bridge {
+  kj::Promise<expected<T>> promise;
+  reply_fn<T> callback;
+};
+
+/// On the I/O thread: a promise and a node_control callback that fulfils it from
+/// any thread without blocking. If the call was cancelled meanwhile (client
+/// gone), fulfilling is a no-op; if node_control drops the callback unused, the
+/// promise rejects and the client sees an RPC exception.
+template <class T>
+reply_bridge<T> make_bridge() {
+  auto paf = kj::newPromiseAndCrossThreadFulfiller<expected<T>>();
+  // std::function needs a copyable functor: share the (move-only) fulfiller.
+  auto fulfiller =
+      std::make_shared<kj::Own<kj::CrossThreadPromiseFulfiller<expected<T>>>>(kj::mv(paf.fulfiller));
+  return {kj::mv(paf.promise), [fulfiller](expected<T> result) { (*fulfiller)->fulfill(kj::mv(result)); }};
+}
+
+// --- Subscriptions -----------------------------------------------------------
+
+/// Counts the live subscriptions of one server, so stop() can wait for them to
+/// end. I/O thread only; shared with the guards, which may outlive the server.
+class subscription_tracker {
+ public:
+  void added() { ++active_; }
+  void removed() {
+    if (--active_ == 0 && idle_.get() != nullptr) {
+      idle_->fulfill();
+      idle_ = nullptr;
+    }
+  }
+  /// Resolves once no subscription is live.
+  kj::Promise<void> when_idle() {
+    if (active_ == 0) return kj::READY_NOW;
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    idle_ = kj::mv(paf.fulfiller);
+    return kj::mv(paf.promise);
+  }
+
+ private:
+  std::size_t active_ = 0;
+  kj::Own<kj::PromiseFulfiller<void>> idle_;
+};
+
+/// Ends a node_control subscription when the call that owns it goes away (on the I/O thread).
+template <class T>
+class subscription_guard {
+ public:
+  subscription_guard(node_control& node, node_control::subscription_id id,
+                     std::shared_ptr<cross_thread_queue<T>> queue, std::shared_ptr<subscription_tracker> tracker)
+      : node_(node), id_(id), queue_(std::move(queue)), tracker_(std::move(tracker)) {
+    tracker_->added();
+  }
+  ~subscription_guard() {
+    queue_->close();
+    node_.unsubscribe(id_);
+    tracker_->removed();
+  }
+  subscription_guard(const subscription_guard&) = delete;
+  subscription_guard& operator=(const subscription_guard&) = delete;
+
+ private:
+  node_control& node_;
+  node_control::subscription_id id_;
+  std::shared_ptr<cross_thread_queue<T>> queue_;
+  std::shared_ptr<subscription_tracker> tracker_;
+};
+
+kj::Promise<void> send_line(schema::LogSink::Client& sink, const std::string& line) {
+  auto req = sink.lineRequest();
+  req.setText(line);
+  return req.send();
+}
+
+kj::Promise<void> send_line(schema::MessageSink::Client& sink, const upstream_record& rec) {
+  auto req = sink.recordRequest();
+  auto r = req.initRecord();
+  r.setSeq(rec.seq);
+  r.setEnqueuedMs(rec.enqueued_ms);
+  r.setSourceModule(rec.source_module);
+  r.setOutput(rec.output);
+  auto bytes = rec.msg.encoded();
+  r.setMessage(kj::arrayPtr(reinterpret_cast<const kj::byte*>(bytes.data()), bytes.size()));
+  return req.send();
+}
+
+/// Moves items from `queue` into `sink`, one streaming call at a time, so the
+/// sink's flow control holds items back in `queue` (which drops, and counts, the
+/// excess). Never resolves; rejects when a sink call fails.
+template <class Sink, class T>
+kj::Promise<void> pump(Sink sink, std::shared_ptr<cross_thread_queue<T>> queue) {
+  auto ready = queue->when_ready();
+  return ready.then([sink = kj::mv(sink), queue = kj::mv(queue)]() mutable -> kj::Promise<void> {
+    auto items = std::make_shared<std::vector<T>>(queue->take());
+    auto dropped = queue->take_dropped();
+    kj::Promise<void> sent = kj::READY_NOW;
+    for (std::size_t i = 0; i < items->size(); ++i) {
+      sent = sent.then([sink, items, i]() mutable { return send_line(sink, (*items)[i]); });
+    }
+    if (dropped != 0) {
+      sent = sent.then([sink, dropped]() mutable {
+        auto req = sink.droppedRequest();
+        req.setCount(dropped);
+        return req.send();
+      });
+    }
+    return sent.then([sink = kj::mv(sink), queue = kj::mv(queue)]() mutable {
+      return pump(kj::mv(sink), kj::mv(queue));
+    });
+  });
+}
+
+// --- The service ---------------------------------------------------------------
+
+class control_service final : public schema::Control::Server {
+ public:
+  control_service(node_control& node, const control_limits& limits, std::shared_ptr<subscription_tracker> tracker)
+      : node_(node), limits_(limits), tracker_(std::move(tracker)) {}
+
+  kj::Promise<void> list(ListContext context) override {
+    auto bridge = make_bridge<std::vector<module_row>>();
+    node_.list(std::move(bridge.callback));
+    return bridge.promise.then([context](expected<std::vector<module_row>> rows) mutable {
+      auto results = context.getResults();
+      if (!set_status(results.initStatus(), rows)) return;
+      auto out = results.initModules(static_cast<unsigned>(rows->size()));
+      for (unsigned i = 0; i < rows->size(); ++i) {
+        const auto& row = (*rows)[i];
+        auto o = out[i];
+        o.setName(row.name);
+        o.setType(row.type);
+        o.setVersion(row.version);
+        o.setStatus(row.status);
+        o.setDesiredStatus(row.desired_status);
+        o.setRestartPolicy(row.restart_policy);
+        o.setRestartCount(row.restart_count);
+        o.setLastStartMs(row.last_start_ms);
+        o.setLastExitMs(row.last_exit_ms);
+        o.setLastExitReason(row.last_exit_reason);
+      }
+    });
+  }
+
+  kj::Promise<void> restart(RestartContext context) override {
+    auto bridge = make_bridge<void>();
+    node_.restart(context.getParams().getModule(), std::move(bridge.callback));
+    return bridge.promise.then([context](expected<void> done) mutable {
+      set_status(context.getResults().initStatus(), done);
+    });
+  }
+
+  kj::Promise<void> deploy(DeployContext context) override {
+    auto params = context.getParams();
+    auto bridge = make_bridge<void>();
+    node_.deploy(params.getManifestJson(), params.getBaseDir(), std::move(bridge.callback));
+    return bridge.promise.then([context](expected<void> done) mutable {
+      set_status(context.getResults().initStatus(), done);
+    });
+  }
+
+  kj::Promise<void> invoke(InvokeContext context) override {
+    auto params = context.getParams();
+    auto bridge = make_bridge<method_reply>();
+    node_.invoke(params.getModule(), params.getMethod(), params.getPayloadJson(),
+                 std::chrono::milliseconds(params.getTimeoutMs()), std::move(bridge.callback));
+    return bridge.promise.then([context](expected<method_reply> reply) mutable {
+      auto results = context.getResults();
+      if (!set_status(results.initStatus(), reply)) return;
+      results.setMethodStatus(reply->status);
+      results.setPayloadJson(reply->payload_json);
+    });
+  }
+
+  kj::Promise<void> twin(TwinContext context) override {
+    auto bridge = make_bridge<twin_doc>();
+    node_.twin(context.getParams().getModule(), std::move(bridge.callback));
+    return bridge.promise.then([context](expected<twin_doc> doc) mutable {
+      auto results = context.getResults();
+      if (!set_status(results.initStatus(), doc)) return;
+      results.setDesiredJson(doc->desired_json);
+      results.setReportedJson(doc->reported_json);
+    });
+  }
+
+  kj::Promise<void> logs(LogsContext context) override {
+    auto params = context.getParams();
+    auto bridge = make_bridge<std::vector<std::string>>();
+    node_.logs(params.getModule(), params.getTail(), std::move(bridge.callback));
+    return bridge.promise.then([context](expected<std::vector<std::string>> lines) mutable {
+      auto results = context.getResults();
+      if (!set_status(results.initStatus(), lines)) return;
+      auto out = results.initLines(static_cast<unsigned>(lines->size()));
+      for (unsigned i = 0; i < lines->size(); ++i) out.set(i, (*lines)[i]);
+    });
+  }
+
+  kj::Promise<void> followLogs(FollowLogsContext context) override {
+    auto params = context.getParams();
+    auto queue = std::make_shared<cross_thread_queue<std::string>>(limits_.log_queue);
+    auto id = node_.follow_logs(params.getModule(), [queue](std::string line) { queue->push(std::move(line)); });
+    if (!id) {
+      set_error(context.getResults().initStatus(), id.err());
+      return kj::READY_NOW;
+    }
+    auto guard = kj::heap<subscription_guard<std::string>>(node_, *id, queue, tracker_);
+    context.allowCancellation();  // a client that goes away ends the subscription
+    return pump(params.getSink(), kj::mv(queue)).attach(kj::mv(guard));
+  }
+
+  kj::Promise<void> monitor(MonitorContext context) override {
+    auto params = context.getParams();
+    if (params.getBacklog() > limits_.max_backlog) {
+      set_error(context.getResults().initStatus(),
+                make_error(errc::invalid_argument, "backlog: " + std::to_string(params.getBacklog()) +
+                                                       " exceeds the limit of " +
+                                                       std::to_string(limits_.max_backlog)));
+      return kj::READY_NOW;
+    }
+    auto queue = std::make_shared<cross_thread_queue<upstream_record>>(limits_.record_queue + params.getBacklog());
+    auto id = node_.monitor(params.getAfterSeq(), params.getBacklog(),
+                            [queue](upstream_record rec) { queue->push(std::move(rec)); });
+    if (!id) {
+      set_error(context.getResults().initStatus(), id.err());
+      return kj::READY_NOW;
+    }
+    auto guard = kj::heap<subscription_guard<upstream_record>>(node_, *id, queue, tracker_);
+    context.allowCancellation();
+    return pump(params.getSink(), kj::mv(queue)).attach(kj::mv(guard));
+  }
+
+ private:
+  node_control& node_;
+  control_limits limits_;
+  std::shared_ptr<subscription_tracker> tracker_;
+};
+
+// --- The socket ------------------------------------------------------------------
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+/// A closed-on-scope-exit file descriptor.
+class unique_fd {
+ public:
+  explicit unique_fd(int fd = -1) : fd_(fd) {}
+  ~unique_fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  unique_fd(const unique_fd&) = delete;
+  unique_fd& operator=(const unique_fd&) = delete;
+  int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+
+ private:
+  int fd_;
+};
+
+expected<sockaddr_un> unix_address(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty()) return make_error(errc::invalid_argument, "control socket path is empty");
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return make_error(errc::invalid_argument, "control socket path is too long (" + std::to_string(path.size()) +
+                                                  " bytes, at most " + std::to_string(sizeof(addr.sun_path) - 1) +
+                                                  "): " + path);
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  return addr;
+}
+
+/// Removes a socket file nobody listens on; refuses a live one or any other file.
+expected<void> clear_stale_socket(const std::string& path, const sockaddr_un& addr) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return {};
+    return make_error(errc::io_error, "cannot stat control socket " + path + ": " + errno_text(errno));
+  }
+  if (!S_ISSOCK(st.st_mode)) {
+    return make_error(errc::io_error, path + " exists and is not a socket; refusing to replace it");
+  }
+  unique_fd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (probe.get() < 0) return make_error(errc::io_error, "socket(AF_UNIX): " + errno_text(errno));
+  if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0) {
+    return make_error(errc::unavailable, "another process is already serving the control socket " + path);
+  }
+  if (errno != ECONNREFUSED) {
+    return make_error(errc::io_error, "cannot probe existing control socket " + path + ": " + errno_text(errno));
+  }
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+    return make_error(errc::io_error, "cannot remove stale control socket " + path + ": " + errno_text(errno));
+  }
+  spdlog::info("control socket: removed stale socket file {}", path);
+  return {};
+}
+
+/// socket + bind (mode 0660) + listen; the returned fd is non-blocking and close-on-exec.
+expected<int> open_listen_socket(const std::string& path) {
+  auto addr = unix_address(path);
+  if (!addr) return addr.err();
+  auto parent = std::filesystem::path(path).parent_path();
+  if (!parent.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(parent, ec);
+    if (ec) {
+      return make_error(errc::io_error,
+                        "cannot create the control socket's directory " + parent.string() + ": " + ec.message());
+    }
+  }
+  if (auto cleared = clear_stale_socket(path, *addr); !cleared) return cleared.err();
+
+  unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (fd.get() < 0) return make_error(errc::io_error, "socket(AF_UNIX): " + errno_text(errno));
+  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&*addr), sizeof(*addr)) != 0) {
+    return make_error(errc::io_error, "cannot bind the control socket " + path + ": " + errno_text(errno));
+  }
+  // TODO(security): the file exists with the umask's mode until this chmod;
+  // the parent directory's mode is what guards that moment.
+  if (::chmod(path.c_str(), 0660) != 0) {
+    int err = errno;
+    ::unlink(path.c_str());
+    return make_error(errc::io_error, "cannot chmod 0660 the control socket " + path + ": " + errno_text(err));
+  }
+  if (::listen(fd.get(), 64) != 0) {
+    int err = errno;
+    ::unlink(path.c_str());
+    return make_error(errc::io_error, "cannot listen on the control socket " + path + ": " + errno_text(err));
+  }
+  return fd.release();
+}
+
+}  // namespace
+
+// --- control_server ------------------------------------------------------------------
+
+struct control_server::impl {
+  // All touched only on the I/O thread.
+  kj::Canceler canceler;
+  bool stopping = false;
+  std::shared_ptr<subscription_tracker> tracker = std::make_shared<subscription_tracker>();
+};
+
+control_server::control_server(std::string socket_path, node_control& node, control_limits limits)
+    : path_(std::move(socket_path)), node_(node), limits_(limits) {}
+
+control_server::~control_server() { stop(); }
+
+expected<void> control_server::start(io_thread& io) {
+  if (impl_) return make_error(errc::invalid_argument, "control server for " + path_ + " already started");
+  if (!io.running()) return make_error(errc::unavailable, "control server: the I/O thread is not running");
+
+  auto fd = open_listen_socket(path_);
+  if (!fd) return fd.err();
+  struct stat st {};
+  if (::stat(path_.c_str(), &st) == 0) {
+    socket_dev_ = st.st_dev;
+    socket_ino_ = st.st_ino;
+  }
+
+  auto state = std::make_unique<impl>();
+  bool handed_over = false;
+  KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
+                 io.run_sync([&](kj::AsyncIoContext& ctx) {
+                   handed_over = true;
+                   auto receiver = ctx.lowLevelProvider->wrapListenSocketFd(
+                       *fd, kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP |
+                                kj::LowLevelAsyncIoProvider::ALREADY_CLOEXEC |
+                                kj::LowLevelAsyncIoProvider::ALREADY_NONBLOCK);
+                   auto server = kj::heap<capnp::TwoPartyServer>(kj::heap<control_service>(node_, limits_, state->tracker));
+                   auto listening = server->listen(*receiver).attach(kj::mv(server), kj::mv(receiver));
+                   auto* s = state.get();
+                   io.add_task(s->canceler.wrap(kj::mv(listening)).catch_([s, path = path_](kj::Exception&& e) {
+                     if (!s->stopping) {
+                       spdlog::error("control socket {}: stopped accepting: {}", path, e.getDescription().cStr());
+                     }
+                   }));
+                 });
+               })) {
+    if (!handed_over) ::close(*fd);
+    ::unlink(path_.c_str());
+    return make_error(errc::io_error,
+                      "cannot serve the control socket " + path_ + ": " + e->getDescription().cStr());
+  }
+  io_ = &io;
+  impl_ = std::move(state);
+  spdlog::info("control socket: listening on {}", path_);
+  return {};
+}
+
+void control_server::stop() {
+  if (!impl_) return;
+  if (io_->running()) {
+    auto* s = impl_.get();
+    KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
+                   io_->run_sync([s](kj::AsyncIoContext& ctx) {
+                     s->stopping = true;
+                     s->canceler.cancel("the control server stopped");
+                     // The RPC system cancels the calls of the connections it just
+                     // lost on later turns: wait for their subscriptions to end.
+                     return s->tracker->when_idle().exclusiveJoin(
+                         ctx.provider->getTimer().afterDelay(5 * kj::SECONDS).then([] {
+                           spdlog::warn("control socket: subscriptions still open 5 s after stop");
+                         }));
+                   });
+                 })) {
+      // The loop went away meanwhile: it destroyed the connections itself.
+      spdlog::debug("control socket: stop after the I/O thread: {}", e->getDescription().cStr());
+    }
+  }
+  // Remove the socket file only if it is still the one we bound.
+  struct stat st {};
+  if (::lstat(path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && st.st_dev == socket_dev_ &&
+      st.st_ino == socket_ino_) {
+    ::unlink(path_.c_str());
+  }
+  impl_.reset();
+  io_ = nullptr;
+}
+
+}  // namespace canopy

@@ -1,0 +1,154 @@
+#include "runtime/clock.hpp"
+
+#include <algorithm>
+#include <vector>
+
+namespace canopy {
+
+namespace {
+
+// now + delay, saturating instead of overflowing for huge delays.
+clock::time_point deadline_after(clock::time_point now, clock::duration delay) {
+  if (delay > clock::duration::zero() && now > clock::time_point::max() - delay)
+    return clock::time_point::max();
+  return now + delay;
+}
+
+}  // namespace
+
+// -- system_clock -------------------------------------------------------------
+
+system_clock::system_clock() : thread_([this] { run(); }) {}
+
+system_clock::~system_clock() { stop(); }
+
+clock::time_point system_clock::now() const { return std::chrono::steady_clock::now(); }
+
+std::int64_t system_clock::wall_ms() const {
+  using namespace std::chrono;
+  return duration_cast<milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+clock::timer_id system_clock::call_after(duration delay, std::function<void()> fn) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  auto id = next_id_++;
+  auto at = deadline_after(now(), delay);
+  pending_.emplace(std::make_pair(at, id), std::move(fn));
+  deadline_of_.emplace(id, at);
+  cv_.notify_one();
+  return id;
+}
+
+void system_clock::cancel(timer_id id) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  auto i = deadline_of_.find(id);
+  if (i == deadline_of_.end())
+    return;
+  pending_.erase(std::make_pair(i->second, id));
+  deadline_of_.erase(i);
+}
+
+void system_clock::stop() {
+  {
+    std::lock_guard<std::mutex> guard{mtx_};
+    if (stopping_)
+      return;
+    stopping_ = true;
+    cv_.notify_one();
+  }
+  if (thread_.joinable())
+    thread_.join();
+  // Other threads may still call call_after/cancel: clear under the lock.
+  std::lock_guard<std::mutex> guard{mtx_};
+  pending_.clear();
+  deadline_of_.clear();
+}
+
+void system_clock::run() {
+  std::unique_lock<std::mutex> guard{mtx_};
+  while (!stopping_) {
+    if (pending_.empty()) {
+      cv_.wait(guard);
+      continue;
+    }
+    auto first = pending_.begin();
+    if (first->first.first > now()) {
+      cv_.wait_until(guard, first->first.first);
+      continue;
+    }
+    auto fn = std::move(first->second);
+    deadline_of_.erase(first->first.second);
+    pending_.erase(first);
+    // Run outside the lock: a callback may schedule another.
+    guard.unlock();
+    fn();
+    guard.lock();
+  }
+}
+
+// -- manual_clock -------------------------------------------------------------
+
+manual_clock::manual_clock()
+  : now_(time_point{} + std::chrono::hours{24}), wall_base_ms_(1'700'000'000'000) {}
+
+clock::time_point manual_clock::now() const {
+  std::lock_guard<std::mutex> guard{mtx_};
+  return now_;
+}
+
+std::int64_t manual_clock::wall_ms() const {
+  using namespace std::chrono;
+  std::lock_guard<std::mutex> guard{mtx_};
+  return wall_base_ms_ + duration_cast<milliseconds>(now_.time_since_epoch() - hours{24}).count();
+}
+
+clock::timer_id manual_clock::call_after(duration delay, std::function<void()> fn) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  auto id = next_id_++;
+  auto at = deadline_after(now_, delay);
+  pending_.emplace(std::make_pair(at, id), std::move(fn));
+  deadline_of_.emplace(id, at);
+  return id;
+}
+
+void manual_clock::cancel(timer_id id) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  auto i = deadline_of_.find(id);
+  if (i == deadline_of_.end())
+    return;
+  pending_.erase(std::make_pair(i->second, id));
+  deadline_of_.erase(i);
+}
+
+void manual_clock::advance(duration d) {
+  std::unique_lock<std::mutex> guard{mtx_};
+  auto target = deadline_after(now_, d);
+  for (;;) {
+    auto first = pending_.begin();
+    if (first == pending_.end() || first->first.first > target)
+      break;
+    now_ = std::max(now_, first->first.first);
+    auto fn = std::move(first->second);
+    deadline_of_.erase(first->first.second);
+    pending_.erase(first);
+    guard.unlock();
+    fn();
+    guard.lock();
+  }
+  // Another thread may have advanced further meanwhile: never go back.
+  now_ = std::max(now_, target);
+}
+
+std::size_t manual_clock::pending() const {
+  std::lock_guard<std::mutex> guard{mtx_};
+  return pending_.size();
+}
+
+clock::duration manual_clock::next_due() const {
+  std::lock_guard<std::mutex> guard{mtx_};
+  if (pending_.empty())
+    return duration::max();
+  return pending_.begin()->first.first - now_;
+}
+
+}  // namespace canopy

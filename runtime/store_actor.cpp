@@ -1,0 +1,129 @@
+#include "runtime/store_actor.hpp"
+
+#include "runtime/agent.hpp"
+#include "runtime/atoms.hpp"
+#include "runtime/router.hpp"
+
+#include <caf/all.hpp>
+#include <spdlog/spdlog.h>
+
+namespace canopy {
+
+namespace {
+
+struct store_state {
+  std::shared_ptr<node_store> store;
+  const clock* clk = nullptr;
+  std::vector<routed_message> batch;
+  bool flush_pending = false;
+  std::map<std::uint64_t, upstream_callback> subscribers;
+  std::uint64_t appended = 0;
+  static inline const char* name = "canopy.store";
+};
+
+using store_actor = caf::stateful_actor<store_state>;
+
+void log_failure(const char* what, const error& err) {
+  spdlog::error("store: {} failed: {}", what, err.message);
+}
+
+void flush(store_actor* self) {
+  auto& st = self->state;
+  st.flush_pending = false;
+  if (st.batch.empty())
+    return;
+  auto now = st.clk->wall_ms();
+  std::vector<upstream_entry> entries;
+  entries.reserve(st.batch.size());
+  for (auto& rm : st.batch)
+    entries.push_back(upstream_entry{rm.module, rm.output, now, rm.msg.encoded()});
+  auto seqs = st.store->append_upstream(entries);
+  if (!seqs) {
+    log_failure("storing $upstream messages", seqs.err());
+    st.batch.clear();
+    return;
+  }
+  st.appended += st.batch.size();
+  if (!st.subscribers.empty()) {
+    for (std::size_t i = 0; i < st.batch.size(); ++i) {
+      upstream_record rec{(*seqs)[i], now, st.batch[i].module, st.batch[i].output, st.batch[i].msg};
+      for (auto& [id, cb] : st.subscribers)
+        (*cb)(rec);
+    }
+  }
+  st.batch.clear();
+  // Bound the table now and then, not on every batch.
+  if (st.appended >= 10000) {
+    st.appended = 0;
+    if (auto r = st.store->trim_upstream(); !r)
+      log_failure("trimming $upstream", r.err());
+  }
+}
+
+caf::behavior store_impl(store_actor* self, std::shared_ptr<node_store> store, const clock* clk) {
+  self->state.store = std::move(store);
+  self->state.clk = clk;
+  return {
+    [self](atoms::put, const module_row& row) {
+      module_state_record rec{row.name, row.status, row.restart_count, row.last_start_ms,
+                              row.last_exit_ms, row.last_exit_reason};
+      if (auto r = self->state.store->save_module_state(rec); !r)
+        log_failure("saving module state", r.err());
+    },
+    [self](atoms::forget, const std::string& module) {
+      if (auto r = self->state.store->delete_module_state(module); !r)
+        log_failure("deleting module state", r.err());
+      if (auto r = self->state.store->delete_reported(module); !r)
+        log_failure("deleting reported properties", r.err());
+    },
+    [self](atoms::reported, const std::string& module, const std::string& json) {
+      if (auto r = self->state.store->save_reported(module, json); !r)
+        log_failure("saving reported properties", r.err());
+    },
+    [self](atoms::deploy, const deployment& d) {
+      if (auto r = self->state.store->save_deployment(d.manifest.dump(), d.base_dir); !r)
+        log_failure("saving the deployment", r.err());
+    },
+    [self](atoms::route_msg, routed_message& rm) {
+      auto& st = self->state;
+      st.batch.push_back(std::move(rm));
+      // Group commit: everything that arrives before the flush message is
+      // processed goes into one transaction.
+      if (!st.flush_pending) {
+        st.flush_pending = true;
+        self->send(self, atoms::flush::value);
+      }
+      if (st.batch.size() >= 4096)
+        flush(self);
+    },
+    [self](atoms::flush) { flush(self); },
+    [self](atoms::subscribe, std::uint64_t id, std::int64_t after_seq, std::uint64_t backlog,
+           upstream_callback& cb) {
+      auto& st = self->state;
+      flush(self);
+      if (backlog > 0) {
+        auto last = st.store->last_upstream_seq();
+        std::int64_t from = after_seq;
+        if (last && *last - static_cast<std::int64_t>(backlog) > from)
+          from = *last - static_cast<std::int64_t>(backlog);
+        auto recs = st.store->read_upstream(from, backlog);
+        if (recs)
+          for (auto& r : *recs)
+            (*cb)(std::move(r));
+        else
+          log_failure("reading $upstream", recs.err());
+      }
+      st.subscribers.emplace(id, std::move(cb));
+    },
+    [self](atoms::unsubscribe, std::uint64_t id) { self->state.subscribers.erase(id); },
+  };
+}
+
+}  // namespace
+
+caf::actor spawn_store_actor(caf::actor_system& sys, std::shared_ptr<node_store> store,
+                             const clock& clk) {
+  return sys.spawn(store_impl, std::move(store), &clk);
+}
+
+}  // namespace canopy
