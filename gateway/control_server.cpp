@@ -69,14 +69,17 @@ struct reply_bridge {
 /// On the I/O thread: a promise and a node_control callback that fulfils it from
 /// any thread without blocking. If the call was cancelled meanwhile (client
 /// gone), fulfilling is a no-op; if node_control drops the callback unused, the
-/// promise rejects and the client sees an RPC exception.
+/// call fails with errc::failed.
 template <class T>
-reply_bridge<T> make_bridge() {
+reply_bridge<T> make_bridge(const char* what) {
   auto paf = kj::newPromiseAndCrossThreadFulfiller<expected<T>>();
   // std::function needs a copyable functor: share the (move-only) fulfiller.
   auto fulfiller =
       std::make_shared<kj::Own<kj::CrossThreadPromiseFulfiller<expected<T>>>>(kj::mv(paf.fulfiller));
-  return {kj::mv(paf.promise), [fulfiller](expected<T> result) { (*fulfiller)->fulfill(kj::mv(result)); }};
+  auto promise = paf.promise.catch_([what](kj::Exception&&) -> expected<T> {
+    return make_error(errc::failed, std::string(what) + ": the node dropped the request without an answer");
+  });
+  return {kj::mv(promise), [fulfiller](expected<T> result) { (*fulfiller)->fulfill(kj::mv(result)); }};
 }
 
 // --- Subscriptions -----------------------------------------------------------
@@ -181,7 +184,7 @@ class control_service final : public schema::Control::Server {
       : node_(node), limits_(limits), tracker_(std::move(tracker)) {}
 
   kj::Promise<void> list(ListContext context) override {
-    auto bridge = make_bridge<std::vector<module_row>>();
+    auto bridge = make_bridge<std::vector<module_row>>("list");
     node_.list(std::move(bridge.callback));
     return bridge.promise.then([context](expected<std::vector<module_row>> rows) mutable {
       auto results = context.getResults();
@@ -205,7 +208,7 @@ class control_service final : public schema::Control::Server {
   }
 
   kj::Promise<void> restart(RestartContext context) override {
-    auto bridge = make_bridge<void>();
+    auto bridge = make_bridge<void>("restart");
     node_.restart(context.getParams().getModule(), std::move(bridge.callback));
     return bridge.promise.then([context](expected<void> done) mutable {
       set_status(context.getResults().initStatus(), done);
@@ -214,7 +217,7 @@ class control_service final : public schema::Control::Server {
 
   kj::Promise<void> deploy(DeployContext context) override {
     auto params = context.getParams();
-    auto bridge = make_bridge<void>();
+    auto bridge = make_bridge<void>("deploy");
     node_.deploy(params.getManifestJson(), params.getBaseDir(), std::move(bridge.callback));
     return bridge.promise.then([context](expected<void> done) mutable {
       set_status(context.getResults().initStatus(), done);
@@ -223,7 +226,7 @@ class control_service final : public schema::Control::Server {
 
   kj::Promise<void> invoke(InvokeContext context) override {
     auto params = context.getParams();
-    auto bridge = make_bridge<method_reply>();
+    auto bridge = make_bridge<method_reply>("invoke");
     node_.invoke(params.getModule(), params.getMethod(), params.getPayloadJson(),
                  std::chrono::milliseconds(params.getTimeoutMs()), std::move(bridge.callback));
     return bridge.promise.then([context](expected<method_reply> reply) mutable {
@@ -235,7 +238,7 @@ class control_service final : public schema::Control::Server {
   }
 
   kj::Promise<void> twin(TwinContext context) override {
-    auto bridge = make_bridge<twin_doc>();
+    auto bridge = make_bridge<twin_doc>("twin");
     node_.twin(context.getParams().getModule(), std::move(bridge.callback));
     return bridge.promise.then([context](expected<twin_doc> doc) mutable {
       auto results = context.getResults();
@@ -247,7 +250,7 @@ class control_service final : public schema::Control::Server {
 
   kj::Promise<void> logs(LogsContext context) override {
     auto params = context.getParams();
-    auto bridge = make_bridge<std::vector<std::string>>();
+    auto bridge = make_bridge<std::vector<std::string>>("logs");
     node_.logs(params.getModule(), params.getTail(), std::move(bridge.callback));
     return bridge.promise.then([context](expected<std::vector<std::string>> lines) mutable {
       auto results = context.getResults();

@@ -54,6 +54,14 @@ long long to_ms(clock::duration d) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
 }
 
+/// A reason as an operator reads it: the text our actors attach to their
+/// errors ("handler threw: ..."), else CAF's rendering.
+std::string describe(caf::actor_system& sys, const caf::error& reason) {
+  if (reason && reason.context().match_elements<std::string>())
+    return reason.context().get_as<std::string>(0);
+  return sys.render(reason);
+}
+
 /// Normal exits (exit_reason::normal, user_shutdown) are not crashes.
 bool is_abnormal(const caf::error& reason) {
   return reason && reason != caf::exit_reason::normal && reason != caf::exit_reason::user_shutdown;
@@ -61,8 +69,9 @@ bool is_abnormal(const caf::error& reason) {
 
 /// One child: its spec, bookkeeping and current instance.
 struct child_rec {
+  // A child's own backoff (child_spec::backoff) wins over the supervisor's.
   child_rec(child_spec s, backoff_policy backoff, std::uint64_t seed)
-    : spec(std::move(s)), tracker(backoff, spec.own_limit, seed) {}
+    : spec(std::move(s)), tracker(spec.backoff.value_or(backoff), spec.own_limit, seed) {}
 
   child_spec spec;
   restart_tracker tracker;
@@ -195,7 +204,7 @@ class supervisor_core {
     auto* c = find_instance(dm.source);
     if (c == nullptr)
       return;  // an instance that is no longer current (replaced or killed)
-    instance_gone(*c, self_->system().render(dm.reason), is_abnormal(dm.reason));
+    instance_gone(*c, describe(self_->system(), dm.reason), is_abnormal(dm.reason));
   }
 
   void on_exit_msg(const caf::exit_msg& em) {

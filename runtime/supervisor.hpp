@@ -15,7 +15,8 @@
 // Events to the observer actor (if any), as (child_event, child_event_info).
 // Health checks: the supervisor sends (health_ping, uint64 seq) to the child; the
 // child must answer by sending (health_pong, uint64 seq) back to the supervisor
-// (the sender of the ping) within health.deadline.
+// (the sender of the ping) within health.deadline — or simply return
+// caf::make_message(health_pong, seq) from its ping handler, which CAF sends back.
 // Escalation: past its intensity the supervisor stops all children and quits
 // with error reason sec::runtime_error (message "restart intensity exceeded"):
 // its own parent sees a non-normal exit and applies its strategy.

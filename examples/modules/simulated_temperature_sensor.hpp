@@ -44,7 +44,7 @@ struct sensor_parameters {
   double machine_pressure_max = 10.0; ///< pressure at machine_temp_max
   double ambient_temp = 21.0;         ///< ambient temperature, °C (±0.5 noise)
   int humidity_min = 24;              ///< ambient humidity range, % (inclusive)
-  int humidity_max = 26;
+  int humidity_max = 26;              ///< (inclusive)
 };
 
 /// One reading of the simulated machine and its surroundings.

@@ -423,6 +423,7 @@ TEST_CASE("every one-shot method round-trips, errors included", "[control_server
     auto dropped = client.invoke("sensor", "drop", "null", 1s);
     REQUIRE_FALSE(dropped.ok());
     CHECK(dropped.err().code == errc::failed);
+    CHECK(dropped.err().message == "invoke: the node dropped the request without an answer");
     // The connection stays usable.
     CHECK(client.restart("sensor").ok());
   }

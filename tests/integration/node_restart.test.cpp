@@ -1,1 +1,162 @@
+// Integration: a node's deployment survives a restart of the node process.
+// Each test case starts its own `canopy` processes in its own temp dir and
+// drives them with the real `canopyctl`.
+#include "integration/process.hpp"
+
 #include <catch2/catch.hpp>
+
+#include <csignal>
+#include <set>
+#include <string>
+
+using namespace canopy::test;
+using namespace std::chrono_literals;
+
+TEST_CASE("a corrupt store stops `canopy run` with an error naming the file", "[node_restart]") {
+  canopy_node node{canopy_paths::from_env()};
+  std::filesystem::create_directories(node.data_dir());
+  const std::string db = node.data_dir() + "/canopy.db";
+  std::string garbage = "this is not an SQLite database\n";
+  while (garbage.size() < 8192)
+    garbage += garbage;
+  write_text_file(db, garbage);
+  auto manifest = node.write_manifest("flow.json", manifest_fixture(node.paths(), "flow.json"));
+
+  for (bool with_manifest : {true, false}) {
+    INFO("with --manifest: " << with_manifest);
+    node.start(with_manifest ? manifest : std::string{});
+    auto st = node.process().wait_for(20s);
+    REQUIRE(st.has_value());
+    CHECK(*st != 0);
+    auto out = node.output();
+    INFO(out);
+    CHECK(out.find(db) != std::string::npos);
+    CHECK(out.find("cannot start") != std::string::npos);
+    // Never a silent fresh start over the user's file.
+    CHECK(read_text_file(db) == garbage);
+  }
+}
+
+namespace {
+
+using nlohmann::json;
+
+json& modules_of(json& manifest) {
+  return manifest["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"];
+}
+
+bool contains(const std::string& text, std::string_view part) {
+  return text.find(part) != std::string::npos;
+}
+
+/// Waits until the node lists exactly `names`, each running.
+bool wait_running(const canopy_node& node, const std::set<std::string>& names) {
+  return wait_until(
+    [&] {
+      auto rows = node.list();
+      if (!rows || rows->size() != names.size())
+        return false;
+      for (auto& m : *rows)
+        if (names.count(m.name) == 0 || m.status != "running")
+          return false;
+      return true;
+    },
+    20s, 50ms);
+}
+
+/// SIGTERM, and the node exits 0.
+void stop_node(canopy_node& node) {
+  auto st = node.stop(20s);
+  INFO(node.output());
+  REQUIRE(st.has_value());
+  REQUIRE(*st == 0);
+}
+
+}  // namespace
+
+TEST_CASE("a node restarted without --manifest runs the last deployment", "[node_restart]") {
+  canopy_node node{canopy_paths::from_env()};
+  auto manifest = node.write_manifest("flow.json", manifest_fixture(node.paths(), "flow.json"));
+  node.start(manifest);
+  REQUIRE(node.wait_ready());
+  REQUIRE(wait_running(node, {"sensor", "filter", "crasher"}));
+  stop_node(node);
+
+  node.start("");
+  REQUIRE(node.wait_ready());
+  REQUIRE(wait_running(node, {"sensor", "filter", "crasher"}));
+  CHECK(contains(node.output(), "last applied deployment"));
+  // It runs, not just lists: the modules answer and messages reach $upstream.
+  auto stats = node.ctl({"invoke", "filter", "getStats", "{}"});
+  INFO(stats.output);
+  CHECK(stats.exit_code == 0);
+  auto mon = node.ctl({"monitor", "--count", "2", "--timeout", "20"});
+  INFO(mon.output);
+  CHECK(mon.exit_code == 0);
+  stop_node(node);
+}
+
+TEST_CASE("a node restarted without --manifest runs what `canopyctl deploy` applied last",
+          "[node_restart]") {
+  canopy_node node{canopy_paths::from_env()};
+  auto flow = manifest_fixture(node.paths(), "flow.json");
+  node.start(node.write_manifest("flow.json", flow));
+  REQUIRE(node.wait_ready());
+  REQUIRE(wait_running(node, {"sensor", "filter", "crasher"}));
+
+  // A different deployment: no crasher, a second filter.
+  auto next = flow;
+  modules_of(next).erase("crasher");
+  modules_of(next)["filter2"] = modules_of(next)["filter"];
+  auto r = node.ctl({"deploy", node.write_manifest("next.json", next)});
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  REQUIRE(wait_running(node, {"sensor", "filter", "filter2"}));
+  stop_node(node);
+
+  node.start("");
+  REQUIRE(node.wait_ready());
+  REQUIRE(wait_running(node, {"sensor", "filter", "filter2"}));
+  auto stats = node.ctl({"invoke", "filter2", "getStats", "{}"});
+  INFO(stats.output);
+  CHECK(stats.exit_code == 0);
+  auto gone = node.ctl({"invoke", "crasher", "hang", R"({"seconds": 0})"});
+  CHECK(gone.exit_code != 0);
+  stop_node(node);
+}
+
+TEST_CASE("a module that crash-loops on start backs off and fails while the others run",
+          "[node_restart]") {
+  canopy_node node{canopy_paths::from_env()};
+  auto manifest = manifest_fixture(node.paths(), "flow.json");
+  modules_of(manifest)["crasher"]["settings"]["crashOnStart"] = true;
+  // Slow enough backoff that `backoff` can be seen between attempts.
+  modules_of(manifest)["crasher"]["restart"]["backoffBaseMs"] = 300;
+  node.start(node.write_manifest("loop.json", manifest));
+  REQUIRE(node.wait_ready());
+
+  std::set<std::string> seen;
+  bool failed = wait_until(
+    [&] {
+      auto m = node.module("crasher");
+      if (m)
+        seen.insert(m->status);
+      return m && m->status == "failed";
+    },
+    20s, 20ms);
+  INFO(node.output());
+  REQUIRE(failed);
+  CHECK(seen.count("backoff") == 1);
+  auto crasher = node.module("crasher");
+  REQUIRE(crasher);
+  CHECK(contains(crasher->last_exit_reason, "crashOnStart"));
+  CHECK(crasher->restart_count >= 2);
+
+  // The rest of the node runs, and messages flow.
+  CHECK(node.module("sensor")->status == "running");
+  CHECK(node.module("filter")->status == "running");
+  auto mon = node.ctl({"monitor", "--count", "2", "--timeout", "20"});
+  INFO(mon.output);
+  CHECK(mon.exit_code == 0);
+  stop_node(node);
+}

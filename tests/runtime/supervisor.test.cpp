@@ -52,6 +52,21 @@ caf::behavior worker(caf::event_based_actor* self, caf::actor notify) {
   };
 }
 
+using notify_atom = caf::atom_constant<caf::atom("notify")>;
+
+/// Answers pings by returning the pong (CAF sends a handler's result back to
+/// the sender). It tells `notify` only from a later message, i.e. after the pong
+/// has left.
+caf::behavior returns_pong(caf::event_based_actor* self, caf::actor notify) {
+  return {
+    [=](atoms::health_ping, std::uint64_t seq) {
+      self->send(self, notify_atom::value, seq);
+      return caf::make_message(atoms::health_pong::value, seq);
+    },
+    [=](notify_atom, std::uint64_t seq) { self->send(notify, pinged_atom::value, seq); },
+  };
+}
+
 /// Never answers pings (but says it saw them).
 caf::behavior mute(caf::event_based_actor* self, caf::actor notify) {
   return {
@@ -620,6 +635,22 @@ TEST_CASE("backoff: a second crash within the stable period waits for the clock"
   f.expect("a", ek::started);
 }
 
+TEST_CASE("backoff: a child's own backoff policy wins over the supervisor's") {
+  fixture f;
+  auto a_spec = spec_of("a");
+  a_spec.backoff = backoff_policy{10s, 60s, 10min, 0.0};
+  auto cfg = f.config("s", supervision_strategy::one_for_one, {a_spec});
+  cfg.intensity = restart_intensity{100, 1h};
+  cfg.backoff.base = 1s;
+  f.spawn(cfg);
+  auto a = f.expect("a", ek::started).e.instance;
+  crash(a);
+  CHECK(f.expect("a", ek::restarting).e.delay == clock::duration::zero());
+  a = f.expect("a", ek::started).e.instance;
+  crash(a);
+  CHECK(f.expect("a", ek::restarting).e.delay == 10s);
+}
+
 TEST_CASE("restart_child during backoff restarts at once") {
   fixture f;
   auto cfg = f.config("s", supervision_strategy::one_for_one, {spec_of("a")});
@@ -679,6 +710,26 @@ TEST_CASE("health: a child that answers stays untouched") {
   CHECK(info.state == child_state::running);
   CHECK(info.restart_count == 0);
   CHECK_FALSE(f.arrives_within("w", ek::unhealthy, 50ms));
+}
+
+TEST_CASE("health: a child may answer by returning the pong from its handler") {
+  fixture f;
+  child_spec s;
+  s.id = "r";
+  auto me = f.me();
+  s.start = [me](caf::actor_system& sys) { return sys.spawn(returns_pong, me); };
+  s.health = health_check{1s, 500ms};
+  auto sup = f.spawn(f.config("s", supervision_strategy::one_for_one, {s}));
+  f.expect("r", ek::started);
+  for (int i = 0; i < 3; ++i) {
+    f.clk.advance(1s);
+    f.expect_pinged();
+    f.clk.advance(500ms);
+  }
+  auto info = f.info(sup, "r");
+  CHECK(info.state == child_state::running);
+  CHECK(info.restart_count == 0);
+  CHECK_FALSE(f.arrives_within("r", ek::unhealthy, 50ms));
 }
 
 TEST_CASE("health: with restart_when_unhealthy off a missed deadline is only reported") {

@@ -8,12 +8,14 @@
 // (actors/include) and libcanopy-sdk.so are needed.
 #include <canopy/module.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
 namespace {
 
-double to_fahrenheit(double celsius) { return celsius * 9.0 / 5.0 + 32.0; }
+/// °C to °F, rounded to two decimals.
+double to_fahrenheit(double celsius) { return std::round((celsius * 9.0 / 5.0 + 32.0) * 100.0) / 100.0; }
 
 /// Converts a "temperature" member from °C to °F, if there is one.
 void convert(canopy::json& section) {
