@@ -13,6 +13,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <exception>
 #include <optional>
 
 #include <sys/socket.h>
@@ -44,6 +45,9 @@ std::optional<error> status_error(schema::Status::Reader status) {
   return error{from_schema(status.getCode()), status.getMessage()};
 }
 
+/// How much longer than a direct method's timeout the client waits for the node.
+constexpr std::chrono::milliseconds invoke_grace{5000};
+
 std::string connect_error(const std::string& path, const std::string& why) {
   return "cannot connect to the canopy node at " + path + ": " + why +
          " (is `canopy run` running? use --socket or CANOPY_SOCKET)";
@@ -66,6 +70,19 @@ struct stream_state {
     on_record = nullptr;
     options = nullptr;
     if (done.get() != nullptr && done->isWaiting()) done->fulfill();
+  }
+
+  /// Hands an item to the caller's callback; stops if it says so, throws, or the
+  /// count is reached.
+  template <class Callback, class Item>
+  void deliver(const Callback& callback, const Item& item) {
+    bool go_on = false;
+    try {
+      go_on = callback(item);
+    } catch (const std::exception& e) {
+      failure = make_error(errc::failed, std::string("the stream callback threw: ") + e.what());
+    }
+    delivered(go_on);
   }
 
   /// After an item was delivered: stop if the callback said so or the count is reached.
@@ -93,7 +110,7 @@ class log_sink final : public schema::LogSink::Server {
   kj::Promise<void> line(LineContext context) override {
     if (!state_->finished) {
       std::string text = context.getParams().getText();
-      state_->delivered((*state_->on_line)(text));
+      state_->deliver(*state_->on_line, text);
     }
     return kj::READY_NOW;
   }
@@ -129,7 +146,7 @@ class message_sink final : public schema::MessageSink::Server {
     rec.source_module = r.getSourceModule();
     rec.output = r.getOutput();
     rec.msg = std::move(*msg);
-    state_->delivered((*state_->on_record)(rec));
+    state_->deliver(*state_->on_record, rec);
     return kj::READY_NOW;
   }
 
@@ -189,9 +206,13 @@ struct control_client::impl {
 
   /// A one-shot call: the call timeout, and "interrupted" on a signal.
   template <class T>
-  expected<T> call(kj::Promise<expected<T>> promise, const char* what,
-                   std::chrono::milliseconds extra = std::chrono::milliseconds(0)) {
-    auto timeout = call_timeout + extra;
+  expected<T> call(kj::Promise<expected<T>> promise, const char* what) {
+    return call_within<T>(kj::mv(promise), what, call_timeout);
+  }
+
+  /// A one-shot call bounded by `timeout`, and "interrupted" on a signal.
+  template <class T>
+  expected<T> call_within(kj::Promise<expected<T>> promise, const char* what, std::chrono::milliseconds timeout) {
     return await<T>(kj::mv(promise), timeout,
                     make_error(errc::timeout, std::string("the canopy node at ") + path + " did not answer " + what +
                                                   " within " + std::to_string(timeout.count()) + " ms"),
@@ -311,7 +332,8 @@ expected<method_reply> control_client::invoke(const std::string& module, const s
     if (auto err = status_error(r.getStatus())) return *err;
     return method_reply{r.getMethodStatus(), r.getPayloadJson()};
   });
-  return impl_->call<method_reply>(kj::mv(call), "invoke", timeout);
+  // The node enforces `timeout`; allow for the trip and the node's own answer.
+  return impl_->call_within<method_reply>(kj::mv(call), "invoke", std::chrono::milliseconds(ms) + invoke_grace);
 }
 
 expected<twin_doc> control_client::twin(const std::string& module) {

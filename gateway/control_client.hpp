@@ -54,7 +54,7 @@ class control_client {
   expected<void> deploy(const std::string& manifest_json, const std::string& base_dir);
 
   /// Calls direct method `method` of `module`; the node enforces `timeout`
-  /// (this client waits that long plus the call timeout).
+  /// (this client gives up 5 s after it, with errc::timeout).
   expected<method_reply> invoke(const std::string& module, const std::string& method,
                                 const std::string& payload_json, std::chrono::milliseconds timeout);
 
@@ -66,7 +66,9 @@ class control_client {
 
   /// Streams new log lines of `module` to `on_line` (return false to stop) until
   /// a limit of `options` is reached or an interrupt; returns the number of lines
-  /// delivered. Errors: what the node answered, or the connection's loss.
+  /// delivered. Errors: what the node answered, the connection's loss, or an
+  /// exception thrown by `on_line` (errc::failed). The node ends the subscription
+  /// when this returns.
   expected<std::size_t> follow_logs(const std::string& module,
                                     const std::function<bool(const std::string&)>& on_line,
                                     const stream_options& options = {});

@@ -30,6 +30,7 @@ expected<void> io_thread::start() {
   auto result = ready.get();
   if (!result) {
     thread_.join();
+    started_ = false;  // may be tried again
     return result;
   }
   running_ = true;

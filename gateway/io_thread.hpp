@@ -132,7 +132,8 @@ class io_thread {
   io_thread& operator=(const io_thread&) = delete;
 
   /// Starts the thread and blocks until its event loop runs. Fails with io_error
-  /// if KJ cannot set up async I/O (e.g. epoll) or if already started once.
+  /// if KJ cannot set up async I/O (e.g. epoll; then start() may be tried again),
+  /// with invalid_argument if already started (an io_thread runs once).
   /// Not from the I/O thread.
   expected<void> start();
 

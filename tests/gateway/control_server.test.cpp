@@ -22,6 +22,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -469,6 +470,12 @@ TEST_CASE("follow_logs streams lines and unsubscribes when the client stops", "[
   CHECK(got == std::vector<std::string>{"filter line 0", "filter line 1"});
   CHECK(eventually([&] { return f.node.unsubscribed_count() == 2; }));
 
+  // A callback that throws ends the stream with an error, and the subscription.
+  auto threw = client.follow_logs("sensor", [](const std::string&) -> bool { throw std::runtime_error("full"); });
+  REQUIRE_FALSE(threw.ok());
+  CHECK(threw.err().message == "the stream callback threw: full");
+  CHECK(eventually([&] { return f.node.unsubscribed_count() == 3; }));
+
   // A duration limit ends a quiet stream.
   f.node.log_lines_per_subscription = 0;
   stream_options brief;
@@ -476,7 +483,7 @@ TEST_CASE("follow_logs streams lines and unsubscribes when the client stops", "[
   n = client.follow_logs("sensor", [](const std::string&) { return true; }, brief);
   REQUIRE(n.ok());
   CHECK(*n == 0);
-  CHECK(eventually([&] { return f.node.unsubscribed_count() == 3; }));
+  CHECK(eventually([&] { return f.node.unsubscribed_count() == 4; }));
 
   auto missing = client.follow_logs("missing", [](const std::string&) { return true; });
   REQUIRE_FALSE(missing.ok());

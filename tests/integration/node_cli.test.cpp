@@ -72,6 +72,16 @@ std::vector<std::int64_t> monitor_records(const canopy_node& node, int count) {
   return seqs;
 }
 
+/// `canopyctl twin MODULE`, parsed ({"desired": {...}, "reported": {...}}); an
+/// empty object if the command failed or printed something else.
+json twin_of(const canopy_node& node, const std::string& module) {
+  auto r = node.ctl({"twin", module});
+  auto doc = json::parse(r.output, nullptr, false);
+  if (r.exit_code != 0 || doc.is_discarded() || !doc.is_object())
+    return json::object();
+  return doc;
+}
+
 /// Waits until `canopyctl monitor` delivers a reading newer than sequence
 /// number `after_seq`: messages are still flowing.
 void require_flow_after(const canopy_node& node, std::int64_t after_seq) {
@@ -209,19 +219,21 @@ TEST_CASE("canopyctl twin, invoke and logs", "[node_cli]") {
   start_flow(node, manifest_fixture(node.paths(), "flow.json"));
 
   SECTION("twin shows the desired threshold and the reported one") {
-    // The filter reports its threshold when the desired properties reach it.
+    // The filter reports its threshold once the desired properties reach it.
     std::string out;
     bool reported = wait_until(
       [&] {
-        auto r = node.ctl({"twin", "filter"});
-        out = r.output;
-        return r.exit_code == 0 && count_occurrences(out, "TemperatureThreshold") >= 2;
+        auto t = twin_of(node, "filter");
+        out = t.dump();
+        return t.contains("reported") && t["reported"].is_object() &&
+               t["reported"].contains("TemperatureThreshold");
       },
       20s, 50ms);
     INFO(out);
     REQUIRE(reported);
-    CHECK(contains(out, "desired"));
-    CHECK(contains(out, "reported"));
+    auto t = twin_of(node, "filter");
+    CHECK(t["desired"]["TemperatureThreshold"] == 0);
+    CHECK(t["reported"]["TemperatureThreshold"] == 0);
   }
 
   SECTION("invoke calls a direct method and prints its answer") {
@@ -277,7 +289,9 @@ TEST_CASE("a bad deployment is refused whole and the running one is untouched", 
   SECTION("a module library that is not there") {
     auto missing = node.paths().examples + "/libno_such_module.so";
     modules_of(bad)["crasher"]["settings"]["library"] = missing;
-    expected_in_error = {"libno_such_module.so", "crasher"};
+    expected_in_error = {
+      "$.modulesContent.$edgeAgent['properties.desired'].modules.crasher.settings.library",
+      "libno_such_module.so"};
   }
 
   auto before = node.list();
@@ -327,9 +341,19 @@ TEST_CASE("a deployment restarts only the modules it changes, and adds and remov
     CHECK(f->restart_count == filter->restart_count);
   };
 
-  // 1. Only the crasher's settings change: only the crasher restarts.
+  // 1. The same deployment again: nothing restarts.
+  auto r = node.ctl({"deploy", node.write_manifest("v1.json", manifest)});
+  INFO("deploy v1 again: " << r.output);
+  REQUIRE(r.exit_code == 0);
+  auto same = node.module("crasher");
+  REQUIRE(same);
+  CHECK(same->last_start_ms == crasher->last_start_ms);
+  CHECK(same->restart_count == crasher->restart_count);
+  unchanged();
+
+  // 2. Only the crasher's settings change: only the crasher restarts.
   modules_of(manifest)["crasher"]["settings"]["note"] = "second version";
-  auto r = node.ctl({"deploy", node.write_manifest("v2.json", manifest)});
+  r = node.ctl({"deploy", node.write_manifest("v2.json", manifest)});
   INFO("deploy v2: " << r.output);
   REQUIRE(r.exit_code == 0);
   REQUIRE(node.wait_module("crasher", [&](const module_view& m) {
@@ -341,7 +365,7 @@ TEST_CASE("a deployment restarts only the modules it changes, and adds and remov
   require_flow_after(node, last_seq);
   unchanged();
 
-  // 2. Without the crasher: it is gone, the rest runs on.
+  // 3. Without the crasher: it is gone, the rest runs on.
   auto without = manifest;
   modules_of(without).erase("crasher");
   r = node.ctl({"deploy", node.write_manifest("v3.json", without)});
@@ -359,7 +383,7 @@ TEST_CASE("a deployment restarts only the modules it changes, and adds and remov
   require_flow_after(node, last_seq);
   unchanged();
 
-  // 3. With the crasher again: it runs.
+  // 4. With the crasher again: it runs.
   r = node.ctl({"deploy", node.write_manifest("v4.json", manifest)});
   INFO("deploy v4: " << r.output);
   REQUIRE(r.exit_code == 0);
@@ -384,16 +408,18 @@ TEST_CASE("a change of desired properties alone patches the module without a res
   REQUIRE(r.exit_code == 0);
 
   // The reported threshold follows the desired one.
-  std::string twin;
+  std::string out;
   bool followed = wait_until(
     [&] {
-      auto t = node.ctl({"twin", "filter"});
-      twin = t.output;
-      return t.exit_code == 0 && count_occurrences(twin, "7.5") >= 2;
+      auto t = twin_of(node, "filter");
+      out = t.dump();
+      return t.contains("reported") && t["reported"].is_object() &&
+             t["reported"].value("TemperatureThreshold", 0.0) == 7.5;
     },
     20s, 50ms);
-  INFO("twin filter:\n" << twin);
+  INFO("twin filter: " << out);
   CHECK(followed);
+  CHECK(twin_of(node, "filter")["desired"]["TemperatureThreshold"] == 7.5);
   CHECK(wait_until([&] { return contains(node.ctl({"logs", "filter"}).output, "temperature threshold: 7.5"); },
                    10s));
 

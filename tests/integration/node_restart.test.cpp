@@ -131,7 +131,7 @@ TEST_CASE("a module that crash-loops on start backs off and fails while the othe
   auto manifest = manifest_fixture(node.paths(), "flow.json");
   modules_of(manifest)["crasher"]["settings"]["crashOnStart"] = true;
   // Slow enough backoff that `backoff` can be seen between attempts.
-  modules_of(manifest)["crasher"]["restart"]["backoffBaseMs"] = 300;
+  modules_of(manifest)["crasher"]["restart"]["backoffBaseMs"] = 500;
   node.start(node.write_manifest("loop.json", manifest));
   REQUIRE(node.wait_ready());
 
@@ -158,5 +158,44 @@ TEST_CASE("a module that crash-loops on start backs off and fails while the othe
   auto mon = node.ctl({"monitor", "--count", "2", "--timeout", "20"});
   INFO(mon.output);
   CHECK(mon.exit_code == 0);
+  stop_node(node);
+}
+
+TEST_CASE("a node killed with SIGKILL restarts with its last deployment", "[node_restart]") {
+  canopy_node node{canopy_paths::from_env()};
+  node.start(node.write_manifest("flow.json", manifest_fixture(node.paths(), "flow.json")));
+  REQUIRE(node.wait_ready());
+  REQUIRE(wait_running(node, {"sensor", "filter", "crasher"}));
+  auto mon = node.ctl({"monitor", "--count", "2", "--timeout", "20"});
+  REQUIRE(mon.exit_code == 0);
+
+  // No orderly shutdown: the socket file and SQLite's WAL stay behind.
+  node.process().kill();
+  REQUIRE(std::filesystem::exists(node.socket()));
+
+  node.start("");
+  REQUIRE(node.wait_ready());
+  REQUIRE(wait_running(node, {"sensor", "filter", "crasher"}));
+  mon = node.ctl({"monitor", "--count", "2", "--timeout", "20"});
+  INFO(mon.output);
+  CHECK(mon.exit_code == 0);
+  stop_node(node);
+}
+
+TEST_CASE("a second node on a served control socket refuses to start", "[node_restart]") {
+  canopy_node node{canopy_paths::from_env()};
+  auto manifest = node.write_manifest("flow.json", manifest_fixture(node.paths(), "flow.json"));
+  node.start(manifest);
+  REQUIRE(node.wait_ready());
+
+  temp_dir other;
+  auto r = run({node.paths().canopy, "run", "--manifest", manifest, "--data-dir", other.file("data"),
+                "--socket", node.socket()},
+               20s);
+  INFO(r.output);
+  CHECK(r.exit_code == 1);
+  CHECK(contains(r.output, node.socket()));
+  // The first node still serves.
+  CHECK(wait_running(node, {"sensor", "filter", "crasher"}));
   stop_node(node);
 }
