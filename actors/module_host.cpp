@@ -36,7 +36,7 @@ struct host_state {
 
 using host_actor = caf::stateful_actor<host_state>;
 
-caf::error crash_reason(const std::string& where, std::exception_ptr eptr) {
+std::string crash_text(const std::string& where, std::exception_ptr eptr) {
   std::string what = "unknown exception";
   try {
     std::rethrow_exception(eptr);
@@ -44,7 +44,7 @@ caf::error crash_reason(const std::string& where, std::exception_ptr eptr) {
     what = e.what();
   } catch (...) {
   }
-  return caf::make_error(caf::sec::runtime_error, where + " threw: " + what);
+  return where + " threw: " + what;
 }
 
 class host_context final : public module_context {
@@ -113,8 +113,9 @@ caf::behavior module_host_impl(host_actor* self, module_host_config cfg) {
   // A throwing callback crashes this instance with the exception's text as the
   // exit reason, which the supervisor records as the last error.
   self->set_exception_handler([self](caf::scheduled_actor*, std::exception_ptr& eptr) {
-    self->state.cfg.logger->error("module crashed: {}", caf::to_string(crash_reason("handler", eptr)));
-    return crash_reason("handler", eptr);
+    auto text = crash_text("handler", eptr);
+    self->state.cfg.logger->error("module crashed: {}", text);
+    return caf::make_error(caf::sec::runtime_error, text);
   });
   self->set_exit_handler([self](caf::exit_msg& em) {
     auto& st = self->state;
@@ -134,9 +135,9 @@ caf::behavior module_host_impl(host_actor* self, module_host_config cfg) {
     st.started = true;
     st.instance->on_desired_properties(st.cfg.desired, true);
   } catch (...) {
-    auto reason = crash_reason("start", std::current_exception());
-    st.cfg.logger->error("module failed to start: {}", caf::to_string(reason));
-    self->quit(reason);
+    auto text = crash_text("start", std::current_exception());
+    st.cfg.logger->error("module failed to start: {}", text);
+    self->quit(caf::make_error(caf::sec::runtime_error, text));
     return {};
   }
   if (st.cfg.router)
@@ -160,11 +161,11 @@ caf::behavior module_host_impl(host_actor* self, module_host_config cfg) {
         auto res = i->second(args);
         return {res.status, res.payload.dump()};
       } catch (...) {
-        auto reason = crash_reason("method '" + name + "'", std::current_exception());
-        st.cfg.logger->error("module crashed: {}", caf::to_string(reason));
+        auto text = crash_text("method '" + name + "'", std::current_exception());
+        st.cfg.logger->error("module crashed: {}", text);
         auto rp = self->make_response_promise<int, std::string>();
-        rp.deliver(500, json{{"error", caf::to_string(reason)}}.dump());
-        self->quit(reason);
+        rp.deliver(500, json{{"error", text}}.dump());
+        self->quit(caf::make_error(caf::sec::runtime_error, text));
         return rp;
       }
     },

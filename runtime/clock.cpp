@@ -31,21 +31,14 @@ std::int64_t system_clock::wall_ms() const {
 
 clock::timer_id system_clock::call_after(duration delay, std::function<void()> fn) {
   std::lock_guard<std::mutex> guard{mtx_};
-  auto id = next_id_++;
-  auto at = deadline_after(now(), delay);
-  pending_.emplace(std::make_pair(at, id), std::move(fn));
-  deadline_of_.emplace(id, at);
+  auto id = timers_.add(deadline_after(now(), delay), std::move(fn));
   cv_.notify_one();
   return id;
 }
 
 void system_clock::cancel(timer_id id) {
   std::lock_guard<std::mutex> guard{mtx_};
-  auto i = deadline_of_.find(id);
-  if (i == deadline_of_.end())
-    return;
-  pending_.erase(std::make_pair(i->second, id));
-  deadline_of_.erase(i);
+  timers_.cancel(id);
 }
 
 void system_clock::stop() {
@@ -60,31 +53,61 @@ void system_clock::stop() {
     thread_.join();
   // Other threads may still call call_after/cancel: clear under the lock.
   std::lock_guard<std::mutex> guard{mtx_};
-  pending_.clear();
-  deadline_of_.clear();
+  timers_.clear();
 }
 
 void system_clock::run() {
   std::unique_lock<std::mutex> guard{mtx_};
   while (!stopping_) {
-    if (pending_.empty()) {
+    if (timers_.empty()) {
       cv_.wait(guard);
       continue;
     }
-    auto first = pending_.begin();
-    if (first->first.first > now()) {
-      cv_.wait_until(guard, first->first.first);
+    if (auto due = timers_.first_deadline(); due > now()) {
+      cv_.wait_until(guard, due);
       continue;
     }
-    auto fn = std::move(first->second);
-    deadline_of_.erase(first->first.second);
-    pending_.erase(first);
+    auto fn = timers_.pop_first();
     // Run outside the lock: a callback may schedule another.
     guard.unlock();
     fn();
     guard.lock();
   }
 }
+
+// -- detail::timer_table -------------------------------------------------------
+
+namespace detail {
+
+timer_table::timer_id timer_table::add(time_point at, std::function<void()> fn) {
+  auto id = next_id_++;
+  pending_.emplace(std::make_pair(at, id), std::move(fn));
+  deadline_of_.emplace(id, at);
+  return id;
+}
+
+void timer_table::cancel(timer_id id) {
+  auto i = deadline_of_.find(id);
+  if (i == deadline_of_.end())
+    return;
+  pending_.erase(std::make_pair(i->second, id));
+  deadline_of_.erase(i);
+}
+
+std::function<void()> timer_table::pop_first() {
+  auto first = pending_.begin();
+  auto fn = std::move(first->second);
+  deadline_of_.erase(first->first.second);
+  pending_.erase(first);
+  return fn;
+}
+
+void timer_table::clear() {
+  pending_.clear();
+  deadline_of_.clear();
+}
+
+}  // namespace detail
 
 // -- manual_clock -------------------------------------------------------------
 
@@ -104,33 +127,22 @@ std::int64_t manual_clock::wall_ms() const {
 
 clock::timer_id manual_clock::call_after(duration delay, std::function<void()> fn) {
   std::lock_guard<std::mutex> guard{mtx_};
-  auto id = next_id_++;
-  auto at = deadline_after(now_, delay);
-  pending_.emplace(std::make_pair(at, id), std::move(fn));
-  deadline_of_.emplace(id, at);
-  return id;
+  return timers_.add(deadline_after(now_, delay), std::move(fn));
 }
 
 void manual_clock::cancel(timer_id id) {
   std::lock_guard<std::mutex> guard{mtx_};
-  auto i = deadline_of_.find(id);
-  if (i == deadline_of_.end())
-    return;
-  pending_.erase(std::make_pair(i->second, id));
-  deadline_of_.erase(i);
+  timers_.cancel(id);
 }
 
 void manual_clock::advance(duration d) {
   std::unique_lock<std::mutex> guard{mtx_};
   auto target = deadline_after(now_, d);
   for (;;) {
-    auto first = pending_.begin();
-    if (first == pending_.end() || first->first.first > target)
+    if (timers_.empty() || timers_.first_deadline() > target)
       break;
-    now_ = std::max(now_, first->first.first);
-    auto fn = std::move(first->second);
-    deadline_of_.erase(first->first.second);
-    pending_.erase(first);
+    now_ = std::max(now_, timers_.first_deadline());
+    auto fn = timers_.pop_first();
     guard.unlock();
     fn();
     guard.lock();
@@ -141,14 +153,14 @@ void manual_clock::advance(duration d) {
 
 std::size_t manual_clock::pending() const {
   std::lock_guard<std::mutex> guard{mtx_};
-  return pending_.size();
+  return timers_.size();
 }
 
 clock::duration manual_clock::next_due() const {
   std::lock_guard<std::mutex> guard{mtx_};
-  if (pending_.empty())
+  if (timers_.empty())
     return duration::max();
-  return pending_.begin()->first.first - now_;
+  return timers_.first_deadline() - now_;
 }
 
 }  // namespace canopy

@@ -14,6 +14,35 @@
 
 namespace canopy {
 
+namespace detail {
+
+/// Pending callbacks ordered by (deadline, id), so equal deadlines fire in
+/// scheduling order. Not thread-safe: each clock guards its own.
+class timer_table {
+ public:
+  using time_point = std::chrono::steady_clock::time_point;
+  using timer_id = std::uint64_t;
+
+  /// Adds `fn` due at `at`; returns its id.
+  timer_id add(time_point at, std::function<void()> fn);
+  /// Removes a pending callback; no effect if it is gone.
+  void cancel(timer_id id);
+  bool empty() const noexcept { return pending_.empty(); }
+  std::size_t size() const noexcept { return pending_.size(); }
+  /// Deadline of the earliest callback; only when !empty().
+  time_point first_deadline() const { return pending_.begin()->first.first; }
+  /// Removes and returns the earliest callback; only when !empty().
+  std::function<void()> pop_first();
+  void clear();
+
+ private:
+  std::map<std::pair<time_point, timer_id>, std::function<void()>> pending_;
+  std::map<timer_id, time_point> deadline_of_;
+  timer_id next_id_ = 1;
+};
+
+}  // namespace detail
+
 /// Source of monotonic time and of delayed callbacks.
 /// Thread-safe: any thread may call any member. Callbacks run on a thread the
 /// clock owns (system_clock) or on the thread that calls advance() (manual_clock),
@@ -62,9 +91,7 @@ class system_clock final : public clock {
   std::mutex mtx_;
   std::condition_variable cv_;
   // Ordered by (deadline, id) so equal deadlines fire in scheduling order.
-  std::map<std::pair<time_point, timer_id>, std::function<void()>> pending_;
-  std::map<timer_id, time_point> deadline_of_;
-  timer_id next_id_ = 1;
+  detail::timer_table timers_;
   bool stopping_ = false;
   std::thread thread_;
 };
@@ -93,9 +120,7 @@ class manual_clock final : public clock {
   mutable std::mutex mtx_;
   time_point now_;
   std::int64_t wall_base_ms_;
-  std::map<std::pair<time_point, timer_id>, std::function<void()>> pending_;
-  std::map<timer_id, time_point> deadline_of_;
-  timer_id next_id_ = 1;
+  detail::timer_table timers_;
 };
 
 }  // namespace canopy

@@ -10,7 +10,6 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
-#include <csignal>
 #include <filesystem>
 #include <regex>
 #include <set>
@@ -65,11 +64,17 @@ std::vector<std::int64_t> monitor_records(const canopy_node& node, int count) {
   INFO("canopyctl monitor: exit " << r.exit_code << "\n" << r.output);
   REQUIRE(r.exit_code == 0);
   // Filtered readings, from the filter, with the sensor's JSON body.
-  CHECK(count_occurrences(r.output, " filter/output1 ") == static_cast<std::size_t>(count));
-  CHECK(count_occurrences(r.output, R"("machine":{"temperature":)") == static_cast<std::size_t>(count));
+  const auto n = static_cast<std::size_t>(count);
+  CHECK(count_occurrences(r.output, " filter/output1 ") == n);
+  CHECK(count_occurrences(r.output, R"("machine":{"temperature":)") == n);
   auto seqs = sequence_numbers(r.output);
-  REQUIRE(seqs.size() == static_cast<std::size_t>(count));
+  REQUIRE(seqs.size() == n);
   return seqs;
+}
+
+/// Waits until `canopyctl logs MODULE` shows `text`.
+bool logs_show(const canopy_node& node, const std::string& module, std::string_view text) {
+  return wait_until([&] { return contains(node.ctl({"logs", module}).output, text); }, 10s, 50ms);
 }
 
 /// `canopyctl twin MODULE`, parsed ({"desired": {...}, "reported": {...}}); an
@@ -278,13 +283,15 @@ TEST_CASE("a bad deployment is refused whole and the running one is untouched", 
 
   SECTION("a route to a module the deployment does not have") {
     routes_of(bad)["toGhost"] =
-      R"(FROM /messages/modules/sensor/outputs/* INTO BrokeredEndpoint("/modules/ghost/inputs/in"))";
+      "FROM /messages/modules/sensor/outputs/* "
+      R"(INTO BrokeredEndpoint("/modules/ghost/inputs/in"))";
     expected_in_error = {"$.modulesContent.$edgeHub['properties.desired'].routes.toGhost", "ghost"};
   }
   SECTION("a restartPolicy that does not exist") {
     modules_of(bad)["filter"]["restartPolicy"] = "sometimes";
-    expected_in_error = {"$.modulesContent.$edgeAgent['properties.desired'].modules.filter.restartPolicy",
-                         "sometimes"};
+    expected_in_error = {
+      "$.modulesContent.$edgeAgent['properties.desired'].modules.filter.restartPolicy",
+      "sometimes"};
   }
   SECTION("a module library that is not there") {
     auto missing = node.paths().examples + "/libno_such_module.so";
@@ -359,8 +366,7 @@ TEST_CASE("a deployment restarts only the modules it changes, and adds and remov
   REQUIRE(node.wait_module("crasher", [&](const module_view& m) {
     return m.status == "running" && m.last_start_ms != crasher->last_start_ms;
   }));
-  REQUIRE(wait_until([&] { return contains(node.ctl({"logs", "crasher"}).output, "start #2 of 'crasher'"); },
-                     10s));
+  REQUIRE(logs_show(node, "crasher", "start #2 of 'crasher'"));
   last_seq = monitor_records(node, 1).back();
   require_flow_after(node, last_seq);
   unchanged();
@@ -420,8 +426,7 @@ TEST_CASE("a change of desired properties alone patches the module without a res
   INFO("twin filter: " << out);
   CHECK(followed);
   CHECK(twin_of(node, "filter")["desired"]["TemperatureThreshold"] == 7.5);
-  CHECK(wait_until([&] { return contains(node.ctl({"logs", "filter"}).output, "temperature threshold: 7.5"); },
-                   10s));
+  CHECK(logs_show(node, "filter", "temperature threshold: 7.5"));
 
   auto after = node.module("filter");
   REQUIRE(after);
@@ -467,7 +472,8 @@ TEST_CASE("canopy check validates manifests", "[node_cli]") {
 
 TEST_CASE("canopy run refuses a module library built for another module ABI", "[node_cli]") {
   canopy_node node{canopy_paths::from_env()};
-  auto manifest = node.write_manifest("bad_abi.json", manifest_fixture(node.paths(), "bad_abi.json"));
+  auto manifest =
+    node.write_manifest("bad_abi.json", manifest_fixture(node.paths(), "bad_abi.json"));
   node.start(manifest);
   auto st = node.process().wait_for(20s);
   REQUIRE(st.has_value());
@@ -485,8 +491,8 @@ TEST_CASE("canopyctl against a socket nobody serves exits 3", "[node_cli]") {
   auto paths = canopy_paths::from_env();
   temp_dir dir;
   auto socket = dir.file("nobody.sock");
-  for (std::vector<std::string> args : {std::vector<std::string>{"list"},
-                                        std::vector<std::string>{"invoke", "filter", "getStats", "{}"}}) {
+  using args_t = std::vector<std::string>;
+  for (const args_t& args : {args_t{"list"}, args_t{"invoke", "filter", "getStats", "{}"}}) {
     std::vector<std::string> argv{paths.canopyctl, "--socket", socket};
     argv.insert(argv.end(), args.begin(), args.end());
     auto r = run(argv, 20s);

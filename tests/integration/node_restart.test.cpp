@@ -5,7 +5,7 @@
 
 #include <catch2/catch.hpp>
 
-#include <csignal>
+#include <filesystem>
 #include <set>
 #include <string>
 
@@ -189,8 +189,8 @@ TEST_CASE("a second node on a served control socket refuses to start", "[node_re
   REQUIRE(node.wait_ready());
 
   temp_dir other;
-  auto r = run({node.paths().canopy, "run", "--manifest", manifest, "--data-dir", other.file("data"),
-                "--socket", node.socket()},
+  auto r = run({node.paths().canopy, "run", "--manifest", manifest, "--data-dir",
+                other.file("data"), "--socket", node.socket()},
                20s);
   INFO(r.output);
   CHECK(r.exit_code == 1);

@@ -75,7 +75,9 @@ temp_dir::~temp_dir() {
   std::filesystem::remove_all(path_, ec);
 }
 
-std::string temp_dir::file(std::string_view name) const { return path_ + "/" + std::string{name}; }
+std::string temp_dir::file(std::string_view name) const {
+  return path_ + "/" + std::string{name};
+}
 
 // --- child_process ----------------------------------------------------------
 
@@ -123,7 +125,9 @@ child_process::child_process(const std::vector<std::string>& argv,
   pid_ = pid;
 }
 
-child_process::~child_process() { reset(); }
+child_process::~child_process() {
+  reset();
+}
 
 child_process::child_process(child_process&& other) noexcept
     : pid_(other.pid_), out_fd_(other.out_fd_), status_(other.status_) {
@@ -370,7 +374,8 @@ canopy_node::~canopy_node() {
   process_.reset();
 }
 
-std::string canopy_node::write_manifest(std::string_view file_name, const nlohmann::json& manifest) const {
+std::string canopy_node::write_manifest(std::string_view file_name,
+                                        const nlohmann::json& manifest) const {
   std::string path = dir_.file(file_name);
   write_text_file(path, manifest.dump(2));
   return path;
@@ -379,8 +384,8 @@ std::string canopy_node::write_manifest(std::string_view file_name, const nlohma
 void canopy_node::start(const std::string& manifest_path, const std::vector<std::string>& extra) {
   if (process_ && process_->running())
     throw std::runtime_error{"canopy_node::start: the node is already running"};
-  std::vector<std::string> argv{paths_.canopy, "run", "--data-dir", data_dir(), "--socket", socket(),
-                                "--log-level", "info"};
+  std::vector<std::string> argv{paths_.canopy, "run",    "--data-dir",  data_dir(),
+                                "--socket",    socket(), "--log-level", "info"};
   if (!manifest_path.empty()) {
     argv.push_back("--manifest");
     argv.push_back(manifest_path);
@@ -392,17 +397,14 @@ void canopy_node::start(const std::string& manifest_path, const std::vector<std:
 }
 
 bool canopy_node::wait_ready(std::chrono::milliseconds timeout) {
-  return wait_until(
-    [this] {
-      if (!process_ || !process_->running())
-        return true;  // ends the wait; checked below
-      return ctl({"list"}, std::chrono::seconds{5}).exit_code == 0;
-    },
-    timeout, std::chrono::milliseconds{50}) &&
-         process_ && process_->running();
+  auto exited = [this] { return !process_ || !process_->running(); };
+  wait_until([&] { return exited() || ctl({"list"}, std::chrono::seconds{5}).exit_code == 0; },
+             timeout, std::chrono::milliseconds{50});
+  return !exited() && ctl({"list"}, std::chrono::seconds{5}).exit_code == 0;
 }
 
-run_result canopy_node::ctl(const std::vector<std::string>& args, std::chrono::milliseconds timeout) const {
+run_result canopy_node::ctl(const std::vector<std::string>& args,
+                            std::chrono::milliseconds timeout) const {
   std::vector<std::string> argv{paths_.canopyctl, "--socket", socket()};
   argv.insert(argv.end(), args.begin(), args.end());
   return run(argv, timeout, {{"CANOPY_SOCKET", socket()}, {"CANOPY_DATA_DIR", data_dir()}});
@@ -425,7 +427,8 @@ std::optional<module_view> canopy_node::module(const std::string& name) const {
   return std::nullopt;
 }
 
-bool canopy_node::wait_module(const std::string& name, const std::function<bool(const module_view&)>& pred,
+bool canopy_node::wait_module(const std::string& name,
+                              const std::function<bool(const module_view&)>& pred,
                               std::chrono::milliseconds timeout) const {
   return wait_until(
     [&] {
@@ -445,6 +448,8 @@ std::optional<exit_status> canopy_node::stop(std::chrono::milliseconds timeout) 
   return st;
 }
 
-std::string canopy_node::output() const { return process_ ? process_->output() : std::string{}; }
+std::string canopy_node::output() const {
+  return process_ ? process_->output() : std::string{};
+}
 
 }  // namespace canopy::test

@@ -1,7 +1,8 @@
 // Child processes, temporary directories and polling for the multi-process
 // integration tests: they start real `canopy` nodes and run the real
 // `canopyctl`, as a user would. No shell is involved: argv goes to
-// posix_spawn as given.
+// posix_spawn as given. canopy_node (below) bundles one node's temp dir,
+// process and canopyctl calls.
 //
 // Every wait here is bounded; nothing asserts on speed. Test helpers, not
 // product code: a failure to spawn or to create a directory is a broken test
@@ -16,7 +17,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <filesystem>
 #include <functional>
 #include <map>
 #include <optional>
@@ -151,7 +151,7 @@ nlohmann::json manifest_fixture(const canopy_paths& paths, std::string_view name
 /// The parts of a `canopyctl list --json` row the tests look at.
 struct module_view {
   std::string name;
-  std::string status;           ///< running | stopped | failed | backoff | unhealthy
+  std::string status;  ///< running | stopped | failed | backoff | unhealthy
   int restart_count = 0;
   std::int64_t last_start_ms = 0;
   std::string last_exit_reason;
