@@ -54,33 +54,6 @@ manifest_options options_for(plugin_loader& loader, std::string base_dir) {
   return mo;
 }
 
-/// Maps Azure's restartPolicy onto OTP restart types and health checking.
-child_spec module_child_spec(const module_spec& m) {
-  child_spec c;
-  c.id = m.name;
-  switch (m.restart) {
-    case restart_policy::never:
-      c.restart = restart_type::temporary;
-      break;
-    case restart_policy::on_failure:
-      c.restart = restart_type::transient;
-      break;
-    case restart_policy::on_unhealthy:
-      c.restart = restart_type::transient;
-      c.health = {m.health.period, m.health.deadline};
-      break;
-    case restart_policy::always:
-      c.restart = restart_type::permanent;
-      c.health = {m.health.period, m.health.deadline};
-      break;
-  }
-  c.restart_when_unhealthy = true;
-  c.own_limit = restart_intensity{m.limits.max_restarts, m.limits.within};
-  c.backoff = backoff_policy{m.limits.backoff_base, m.limits.backoff_cap, m.limits.stable_period,
-                             m.limits.jitter};
-  return c;
-}
-
 }  // namespace
 
 /// Handles of the node's long-lived actors, refreshed when a supervisor restarts

@@ -27,6 +27,32 @@ nlohmann::json merge_patch_between(const nlohmann::json& from, const nlohmann::j
   return patch;
 }
 
+child_spec module_child_spec(const module_spec& m) {
+  child_spec c;
+  c.id = m.name;
+  switch (m.restart) {
+    case restart_policy::never:
+      c.restart = restart_type::temporary;
+      break;
+    case restart_policy::on_failure:
+      c.restart = restart_type::transient;
+      break;
+    case restart_policy::on_unhealthy:
+      c.restart = restart_type::transient;
+      c.health = {m.health.period, m.health.deadline};
+      break;
+    case restart_policy::always:
+      c.restart = restart_type::permanent;
+      c.health = {m.health.period, m.health.deadline};
+      break;
+  }
+  c.restart_when_unhealthy = true;
+  c.own_limit = restart_intensity{m.limits.max_restarts, m.limits.within};
+  c.backoff = backoff_policy{m.limits.backoff_base, m.limits.backoff_cap, m.limits.stable_period,
+                             m.limits.jitter};
+  return c;
+}
+
 namespace {
 
 struct module_entry {

@@ -49,6 +49,12 @@ struct agent_config {
 /// Spawns the agent.
 caf::actor spawn_agent(caf::actor_system& sys, agent_config cfg);
 
+/// Maps a module's Azure restartPolicy onto supervision: never -> temporary;
+/// on-failure -> transient; on-unhealthy -> transient + health checks;
+/// always -> permanent + health checks. Its restart budget becomes the child's
+/// own limit and its backoff the child's backoff. `start` is left empty.
+child_spec module_child_spec(const module_spec& m);
+
 /// The JSON merge patch (RFC 7386) that turns `from` into `to`.
 nlohmann::json merge_patch_between(const nlohmann::json& from, const nlohmann::json& to);
 

@@ -162,6 +162,39 @@ bool running(fixture& f, std::initializer_list<const char*> names) {
 
 }  // namespace
 
+TEST_CASE("Azure restart policies map onto restart types and health checks") {
+  auto m = module_named("m", 1);
+  m.health.period = std::chrono::seconds{7};
+  m.health.deadline = std::chrono::seconds{3};
+  m.limits.max_restarts = 4;
+  m.limits.within = std::chrono::seconds{90};
+  m.limits.backoff_cap = std::chrono::seconds{30};
+  m.restart = restart_policy::never;
+  auto c = module_child_spec(m);
+  CHECK(c.restart == restart_type::temporary);
+  CHECK(c.health.period == clock::duration::zero());
+  m.restart = restart_policy::on_failure;
+  c = module_child_spec(m);
+  CHECK(c.restart == restart_type::transient);
+  CHECK(c.health.period == clock::duration::zero());
+  m.restart = restart_policy::on_unhealthy;
+  c = module_child_spec(m);
+  CHECK(c.restart == restart_type::transient);
+  CHECK(c.health.period == std::chrono::seconds{7});
+  CHECK(c.health.deadline == std::chrono::seconds{3});
+  CHECK(c.restart_when_unhealthy);
+  m.restart = restart_policy::always;
+  c = module_child_spec(m);
+  CHECK(c.restart == restart_type::permanent);
+  CHECK(c.health.period == std::chrono::seconds{7});
+  REQUIRE(c.own_limit.has_value());
+  CHECK(c.own_limit->max_restarts == 4);
+  CHECK(c.own_limit->period == std::chrono::seconds{90});
+  REQUIRE(c.backoff.has_value());
+  CHECK(c.backoff->cap == std::chrono::seconds{30});
+  CHECK(c.id == "m");
+}
+
 TEST_CASE("merge_patch_between yields the RFC 7386 patch") {
   nlohmann::json a = {{"x", 1}, {"y", {{"z", 1}, {"w", 2}}}, {"gone", true}};
   nlohmann::json b = {{"x", 2}, {"y", {{"z", 1}}}, {"new", "v"}};
