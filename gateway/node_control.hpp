@@ -88,8 +88,8 @@ class node_control {
   virtual expected<subscription_id> follow_logs(std::string module,
                                                 std::function<void(std::string line)> on_line) = 0;
 
-  /// Streams messages arriving at $upstream: first the stored ones with
-  /// seq > after_seq (at most `backlog`), then new ones as they arrive.
+  /// Streams messages arriving at $upstream: first the newest `backlog` stored
+  /// ones with seq > after_seq, oldest first, then new ones as they arrive.
   virtual expected<subscription_id> monitor(std::int64_t after_seq, std::size_t backlog,
                                             std::function<void(upstream_record)> on_record) = 0;
 

@@ -237,12 +237,15 @@ void on_child_event(agent_actor* self, const child_event_info& ev) {
       break;
     case child_event_kind::restarting:
       e.row.restart_count = ev.restart_count;
-      e.row.status = ev.delay > clock::duration::zero() ? "backoff" : "running";
-      if (ev.delay > clock::duration::zero())
+      // The status says "running" only once `started` brings the new
+      // instance: until then a call to the module finds none (503).
+      if (ev.delay > clock::duration::zero()) {
+        e.row.status = "backoff";
         spdlog::warn("module '{}' crashed ({}); restarting in {} ms (restart #{})", ev.id,
                      e.row.last_exit_reason,
                      std::chrono::duration_cast<std::chrono::milliseconds>(ev.delay).count(),
                      ev.restart_count);
+      }
       break;
     case child_event_kind::failed:
       e.instance = caf::actor{};

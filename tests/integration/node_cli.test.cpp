@@ -263,6 +263,21 @@ TEST_CASE("canopyctl twin, invoke and logs", "[node_cli]") {
     CHECK(contains(r.output, "ghost"));
   }
 
+  SECTION("twin, restart and logs of an unknown module fail, naming it") {
+    for (const char* command : {"twin", "restart", "logs"}) {
+      auto r = node.ctl({command, "ghost"});
+      INFO("canopyctl " << command << " ghost: exit " << r.exit_code << "\n" << r.output);
+      CHECK(r.exit_code == 1);
+      CHECK(contains(r.output, "ghost"));
+    }
+  }
+
+  SECTION("invoke with a payload that is not JSON is a usage error") {
+    auto r = node.ctl({"invoke", "filter", "getStats", "not json"});
+    INFO(r.output);
+    CHECK(r.exit_code == 2);
+  }
+
   SECTION("logs --tail prints the module's last lines") {
     auto r = node.ctl({"logs", "filter", "--tail", "5"});
     INFO(r.output);

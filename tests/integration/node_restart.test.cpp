@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <set>
 #include <string>
@@ -104,10 +105,11 @@ TEST_CASE("a node restarted without --manifest runs what `canopyctl deploy` appl
   REQUIRE(node.wait_ready());
   REQUIRE(wait_running(node, {"sensor", "filter", "crasher"}));
 
-  // A different deployment: no crasher, a second filter.
+  // A different deployment: no crasher, a second filter, another threshold.
   auto next = flow;
   modules_of(next).erase("crasher");
   modules_of(next)["filter2"] = modules_of(next)["filter"];
+  next["modulesContent"]["filter"]["properties.desired"]["TemperatureThreshold"] = 3.5;
   auto r = node.ctl({"deploy", node.write_manifest("next.json", next)});
   INFO(r.output);
   REQUIRE(r.exit_code == 0);
@@ -122,6 +124,28 @@ TEST_CASE("a node restarted without --manifest runs what `canopyctl deploy` appl
   CHECK(stats.exit_code == 0);
   auto gone = node.ctl({"invoke", "crasher", "hang", R"({"seconds": 0})"});
   CHECK(gone.exit_code != 0);
+  // The filter runs with the deployed threshold (getStats answers
+  // "status: 200" and then its JSON), and the twin shows it.
+  std::string out;
+  bool applied = wait_until(
+    [&] {
+      auto call = node.ctl({"invoke", "filter", "getStats", "{}"});
+      out = call.output;
+      auto body = out.substr(std::min(out.find('\n'), out.size()));
+      auto doc = json::parse(body, nullptr, false);
+      return call.exit_code == 0 && doc.is_object() &&
+             doc.value("TemperatureThreshold", 0.0) == 3.5;
+    },
+    20s, 50ms);
+  INFO("getStats: " << out);
+  CHECK(applied);
+  auto twin = json::parse(node.ctl({"twin", "filter"}).output, nullptr, false);
+  INFO("twin filter: " << twin.dump());
+  REQUIRE(twin.is_object());
+  CHECK(twin["desired"]["TemperatureThreshold"] == 3.5);
+  bool reported =
+    twin["reported"].is_object() && twin["reported"].value("TemperatureThreshold", 0.0) == 3.5;
+  CHECK(reported);
   stop_node(node);
 }
 
