@@ -17,7 +17,12 @@
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <filesystem>
 #include <fstream>
@@ -72,8 +77,34 @@ struct node_handles {
   }
 };
 
+/// Holds an exclusive lock on the data directory, so that two nodes never share
+/// one store. Released when the process ends, however it ends.
+class data_dir_lock {
+ public:
+  static expected<std::unique_ptr<data_dir_lock>> acquire(const std::string& dir) {
+    auto path = (fs::path{dir} / "canopy.lock").string();
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+      return make_error(errc::io_error, "cannot open " + path + ": " + std::strerror(errno));
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      ::close(fd);
+      return make_error(errc::unavailable, "data directory " + dir + " is in use by another canopy "
+                                             "process (it holds " + path + ")");
+    }
+    return std::unique_ptr<data_dir_lock>{new data_dir_lock(fd)};
+  }
+  ~data_dir_lock() { ::close(fd_); }
+  data_dir_lock(const data_dir_lock&) = delete;
+  data_dir_lock& operator=(const data_dir_lock&) = delete;
+
+ private:
+  explicit data_dir_lock(int fd) : fd_(fd) {}
+  int fd_;
+};
+
 struct node::impl {
   node_options opts;
+  std::unique_ptr<data_dir_lock> lock;
   std::unique_ptr<log_hub> logs;
   system_clock clk;
   std::shared_ptr<node_store> store;
@@ -117,6 +148,12 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
     n.opts.log.dir = (fs::path{n.opts.data_dir} / "logs").string();
   std::error_code ec;
   fs::create_directories(n.opts.data_dir, ec);
+  if (ec)
+    return make_error(errc::io_error, "cannot create data directory " + n.opts.data_dir + ": " + ec.message());
+  auto lock = data_dir_lock::acquire(n.opts.data_dir);
+  if (!lock)
+    return std::move(lock).err();
+  n.lock = std::move(*lock);
   auto logs = log_hub::create(n.opts.log);
   if (!logs)
     return std::move(logs).err();

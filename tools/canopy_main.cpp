@@ -11,6 +11,9 @@
 #include <cstdlib>
 #include <pthread.h>
 
+#include <chrono>
+#include <thread>
+
 int main(int argc, char** argv) {
   CLI::App app{"canopy: the Canopy IoT edge node"};
   app.require_subcommand(1);
@@ -30,6 +33,10 @@ int main(int argc, char** argv) {
   run->add_flag("--log-json", opts.log.json, "Log one JSON object per line");
   run->add_option("--module-path", opts.module_path, "Directories searched for relative module libraries");
   run->add_option("--threads", opts.worker_threads, "Actor worker threads (0 = default)");
+  unsigned stop_timeout = 20;
+  run->add_option("--stop-timeout", stop_timeout,
+                  "Seconds an orderly stop may take before the process exits anyway")
+    ->capture_default_str();
 
   std::string check_file;
   auto* check = app.add_subcommand("check", "Validate a deployment manifest and exit");
@@ -69,6 +76,16 @@ int main(int argc, char** argv) {
   int sig = 0;
   sigwait(&stop_signals, &sig);
   std::fprintf(stderr, "canopy: %s received, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  // A module handler that never returns holds its worker thread, and the
+  // actor system waits for every worker at shutdown: bound the wait. The store
+  // is SQLite in WAL mode, so ending the process here loses nothing committed.
+  std::thread([stop_timeout] {
+    std::this_thread::sleep_for(std::chrono::seconds{stop_timeout});
+    std::fprintf(stderr,
+                 "canopy: stop did not finish within %u s (a module handler is stuck); exiting now\n",
+                 stop_timeout);
+    std::_Exit(3);
+  }).detach();
   (*n)->stop();
   return 0;
 }

@@ -528,3 +528,41 @@ TEST_CASE("SIGTERM stops the node with exit code 0", "[node_cli]") {
   CHECK(contains(node.output(), "SIGTERM"));
   CHECK_FALSE(std::filesystem::exists(node.socket()));
 }
+
+TEST_CASE("the tutorial's first module builds out of tree and deploys behind the filter", "[node_cli]") {
+  namespace fs = std::filesystem;
+  canopy_node node{canopy_paths::from_env()};
+  auto& paths = node.paths();
+  // Build examples/modules/my_first_module as the tutorial does, in a scratch copy.
+  auto src = fs::path{paths.source_root} / "examples" / "modules" / "my_first_module";
+  auto mod = fs::path{node.dir().file("mod")};
+  fs::create_directories(mod);
+  fs::copy_file(src / "my_first_module.cpp", mod / "my_first_module.cpp");
+  fs::copy_file(src / "build.sh", mod / "build.sh");
+  auto built = run({"/bin/sh", (mod / "build.sh").string()}, 180s,
+                   {{"CANOPY", paths.source_root},
+                    {"CANOPY_BUILD", fs::path{paths.examples}.parent_path().string()}});
+  INFO(built.output);
+  REQUIRE(built.exit_code == 0);
+  // The tutorial's manifest, with this build's libraries and a fast sensor.
+  auto manifest = json::parse(
+    read_text_file((fs::path{paths.source_root} / "examples/manifests/my-first-module.json").string()));
+  auto& modules = manifest["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"];
+  for (auto& [name, m] : modules.items()) {
+    auto lib = m["settings"]["library"].get<std::string>();
+    m["settings"]["library"] = name == "myModule"
+                                 ? (mod / "libmy_first_module.so").string()
+                                 : (fs::path{paths.examples} / fs::path{lib}.filename()).string();
+  }
+  modules["sensor"]["settings"]["sendIntervalMs"] = 50;
+  manifest["modulesContent"]["filter"]["properties.desired"]["TemperatureThreshold"] = 0;
+  node.start(node.write_manifest("first.json", manifest));
+  REQUIRE(node.wait_ready());
+  REQUIRE(node.wait_module("myModule", [](const module_view& m) { return m.status == "running"; }));
+  auto mon = node.ctl({"monitor", "--count", "2", "--timeout", "20"});
+  INFO(mon.output);
+  CHECK(mon.exit_code == 0);
+  CHECK(mon.output.find("myModule/output1") != std::string::npos);
+  CHECK(mon.output.find("fahrenheit") != std::string::npos);
+  node.stop();
+}

@@ -223,3 +223,37 @@ TEST_CASE("a second node on a served control socket refuses to start", "[node_re
   CHECK(wait_running(node, {"sensor", "filter", "crasher"}));
   stop_node(node);
 }
+
+TEST_CASE("a second node on the same data directory refuses to start", "[node_restart]") {
+  canopy_node node{canopy_paths::from_env()};
+  auto manifest = node.write_manifest("flow.json", manifest_fixture(node.paths(), "flow.json"));
+  node.start(manifest);
+  REQUIRE(node.wait_ready());
+
+  temp_dir other;
+  auto r = run({node.paths().canopy, "run", "--manifest", manifest, "--data-dir", node.data_dir(),
+                "--socket", other.file("s.sock")},
+               20s);
+  INFO(r.output);
+  CHECK(r.exit_code == 1);
+  CHECK(contains(r.output, "is in use by another canopy process"));
+  CHECK(contains(r.output, node.data_dir() + "/canopy.lock"));
+  CHECK(wait_running(node, {"sensor", "filter", "crasher"}));
+  stop_node(node);
+}
+
+TEST_CASE("a stop with a stuck module handler still ends, after --stop-timeout", "[node_restart]") {
+  canopy_node node{canopy_paths::from_env()};
+  auto manifest = node.write_manifest("flow.json", manifest_fixture(node.paths(), "flow.json"));
+  node.start(manifest, {"--stop-timeout", "2"});
+  REQUIRE(node.wait_ready());
+  REQUIRE(wait_running(node, {"sensor", "filter", "crasher"}));
+  // The handler blocks its worker for a minute; the invoke itself times out.
+  child_process hang{{node.paths().canopyctl, "--socket", node.socket(), "invoke", "crasher", "hang",
+                      R"({"seconds": 60})", "--timeout", "1"}};
+  REQUIRE(hang.wait_for(20s));
+  auto status = node.stop(30s);
+  INFO(node.output());
+  REQUIRE(status.has_value());  // it ended, well before the handler would return
+  CHECK(contains(node.output(), "a module handler is stuck"));
+}
