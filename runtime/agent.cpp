@@ -292,8 +292,8 @@ caf::behavior agent_impl(agent_actor* self, agent_config cfg) {
     // Forget rows of modules the initial deployment does not have.
     for (auto i = st.modules.begin(); i != st.modules.end();)
       i = st.cfg.initial->find(i->first) ? std::next(i) : st.modules.erase(i);
-    auto rp = self->make_response_promise();
-    st.queue.emplace_back(std::move(*st.cfg.initial), rp);
+    // Nobody waits for the initial deployment's answer.
+    st.queue.emplace_back(std::move(*st.cfg.initial), caf::response_promise{});
     st.cfg.initial.reset();
     apply_next(self);
   }
