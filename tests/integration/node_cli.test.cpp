@@ -566,3 +566,25 @@ TEST_CASE("the tutorial's first module builds out of tree and deploys behind the
   CHECK(mon.output.find("fahrenheit") != std::string::npos);
   node.stop();
 }
+
+TEST_CASE("a module whose handler hangs is marked unhealthy and replaced by a fresh instance",
+          "[node_cli]") {
+  canopy_node node{canopy_paths::from_env()};
+  auto manifest = manifest_fixture(node.paths(), "flow.json");
+  modules_of(manifest)["crasher"]["restartPolicy"] = "on-unhealthy";
+  modules_of(manifest)["crasher"]["healthCheck"] = {{"periodSecs", 1}, {"deadlineSecs", 1}};
+  node.start(node.write_manifest("flow.json", manifest));
+  REQUIRE(node.wait_ready());
+  REQUIRE(node.wait_module("crasher", [](const module_view& m) { return m.status == "running"; }));
+  // The handler blocks its worker for 4 s; the health check gives up after ~2 s.
+  auto hang = node.ctl({"invoke", "crasher", "hang", R"({"seconds": 4})", "--timeout", "1"});
+  CHECK(hang.exit_code != 0);
+  CHECK(node.wait_module("crasher", [](const module_view& m) {
+    return m.restart_count >= 1 && m.status == "running";
+  }));
+  CHECK(contains(node.output(), "module 'crasher' is unhealthy"));
+  // The fresh instance answers while the stuck one still holds its thread.
+  auto ping = node.ctl({"invoke", "crasher", "nope", "{}"});
+  CHECK(contains(ping.output, "501"));
+  node.stop();
+}
