@@ -24,6 +24,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include <atomic>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -117,6 +119,7 @@ struct node::impl {
   std::unique_ptr<io_thread> io;
   std::unique_ptr<control_server> server;
   bool stopped = false;
+  std::shared_ptr<std::atomic<bool>> failed = std::make_shared<std::atomic<bool>>(false);
 };
 
 node::node(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
@@ -263,29 +266,32 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
       caf::anon_send(agent, atoms::modules_ready::value, a);
     return a;
   };
-  auto persisted_rows = std::make_shared<std::vector<module_row>>(std::move(rows));
-  auto persisted_reported = std::make_shared<std::map<std::string, std::string>>(std::move(reported));
+  // What the store knew at start seeds the agent's memory; later agents
+  // continue from the memory, never from the store (its actor owns it).
+  auto memory = std::make_shared<agent_memory>();
+  for (auto& row : rows)
+    memory->rows[row.name] = row;
+  for (auto& [name, doc] : reported) {
+    auto j = nlohmann::json::parse(doc, nullptr, false);
+    if (!j.is_discarded())
+      memory->reported[name] = std::move(j);
+  }
   auto initial_dep = std::make_shared<std::optional<deployment>>(std::move(initial));
   child_spec agent_child;
   agent_child.id = "agent";
-  agent_child.start = [hp, np, persisted_rows, persisted_reported, initial_dep](caf::actor_system& sys) {
+  agent_child.start = [hp, np, memory, initial_dep](caf::actor_system& sys) {
     agent_config ac;
     ac.router = hp->get(&node_handles::router);
     ac.store = hp->get(&node_handles::store);
     ac.clk = &np->clk;
-    ac.persisted_rows = *persisted_rows;
-    ac.persisted_reported = *persisted_reported;
-    // The first agent runs the initial deployment; a restarted one re-reads the
-    // last applied deployment from the store.
+    ac.memory = memory;
+    // The first agent runs the initial deployment; a restarted one continues
+    // with the deployment in the shared memory.
     if (*initial_dep) {
       ac.initial = std::move(**initial_dep);
       initial_dep->reset();
-    } else if (auto last = np->store->load_deployment(); last && *last) {
-      auto dep = parse_manifest((*last)->manifest_json, options_for(*np->loader, (*last)->base_dir));
-      if (dep)
-        ac.initial = std::move(*dep);
     }
-    ac.make_child = [hp, np](const module_spec& m, caf::actor agent) -> expected<child_spec> {
+    ac.make_child = [hp, np, memory](const module_spec& m, caf::actor agent) -> expected<child_spec> {
       auto type = np->loader->load(m.library, m.library_path);
       if (!type)
         return std::move(type).err();
@@ -296,11 +302,13 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
       hc.type = *type;
       hc.settings = m.settings;
       hc.env = m.env;
-      hc.desired = m.desired_properties;
       hc.agent = agent;
       hc.logger = np->logs->module_logger(m.name);
-      spec.start = [hp, hc](caf::actor_system& sys) mutable {
+      spec.start = [hp, hc, memory](caf::actor_system& sys) mutable {
         hc.router = hp->get(&node_handles::router);
+        // Every (re)start gets the desired properties as they are now, not as
+        // they were when the module was deployed.
+        hc.desired = memory->desired_of(hc.name);
         return spawn_module_host(sys, hc);
       };
       return spec;
@@ -311,6 +319,17 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
   };
   root_cfg.children = {store_child, router_child, agent_child, modules_child};
   n.root = spawn_supervisor(*n.sys, std::move(root_cfg));
+  // If the root itself gives up (its restart intensity exceeded), the process
+  // must end so that the service manager restarts it: a node with no actors
+  // must not look alive.
+  auto failed = n.failed;
+  n.root->attach_functor([failed](const caf::error& reason) {
+    if (!reason || reason == caf::exit_reason::normal || reason == caf::exit_reason::user_shutdown)
+      return;
+    failed->store(true);
+    spdlog::critical("the node's root supervisor gave up; stopping the process");
+    ::kill(::getpid(), SIGTERM);
+  });
   // 5. The control socket on the I/O thread.
   n.control = std::make_unique<node_control_impl>(
     *n.sys, [hp] { return hp->get(&node_handles::agent); },
@@ -329,6 +348,8 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
   spdlog::info("node '{}' started (data dir {})", n.opts.device_id, n.opts.data_dir);
   return std::unique_ptr<node>{new node(std::move(p))};
 }
+
+bool node::failed() const { return impl_ && impl_->failed->load(); }
 
 void node::stop() {
   if (!impl_ || impl_->stopped)

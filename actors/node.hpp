@@ -42,6 +42,10 @@ class node {
   /// Stops in order: control socket, modules, agent, router, store. Idempotent.
   void stop();
 
+  /// True once the root supervisor gave up (it also raises SIGTERM then, so
+  /// that main() stops the node and exits non-zero).
+  bool failed() const;
+
   ~node();
   node(const node&) = delete;
   node& operator=(const node&) = delete;

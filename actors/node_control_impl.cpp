@@ -66,8 +66,11 @@ node_control_impl::~node_control_impl() {
     subs.swap(subs_);
   }
   for (auto& [id, s] : subs) {
-    std::lock_guard<std::mutex> guard{s->mtx};
-    s->active = false;
+    {
+      std::lock_guard<std::mutex> guard{s->mtx};
+      s->active = false;
+    }
+    // Not under s->mtx: the log sink calls back into it with its own lock held.
     if (s->is_log)
       logs_.unfollow(s->log_follow_id);
   }

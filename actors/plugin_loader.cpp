@@ -2,7 +2,12 @@
 
 #include <dlfcn.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <filesystem>
 
@@ -37,6 +42,25 @@ std::string known_builtins(const builtin_catalog& cat) {
     out += name;
   }
   return out.empty() ? "none" : out;
+}
+
+/// Copies the file at `path` into `fd`; false on any error (errno set).
+bool copy_to_fd(const std::string& path, int fd) {
+  int in = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0)
+    return false;
+  char buf[1 << 16];
+  for (;;) {
+    auto n = ::read(in, buf, sizeof(buf));
+    if (n == 0)
+      break;
+    if (n < 0 || ::write(fd, buf, static_cast<std::size_t>(n)) != n) {
+      ::close(in);
+      return false;
+    }
+  }
+  ::close(in);
+  return true;
 }
 
 }  // namespace
@@ -106,22 +130,29 @@ expected<std::shared_ptr<const module_type>> plugin_loader::load_file(const std:
   auto key = path + "@" + stamp;
   if (auto i = loaded_.find(key); i != loaded_.end())
     return i->second;
-  std::string open_path = path;
   bool seen_before = false;
   for (auto& [k, t] : loaded_)
     if (k.compare(0, path.size() + 1, path + "@") == 0)
       seen_before = true;
+  std::string open_path = path;
+  int copy_fd = -1;
   if (seen_before) {
-    auto copy = fs::temp_directory_path(ec) / ("canopy-module-" + std::to_string(::getpid()) + "-"
-                                               + std::to_string(loaded_.size()) + ".so");
-    fs::copy_file(path, copy, fs::copy_options::overwrite_existing, ec);
-    if (!ec)
-      open_path = copy.string();
+    // Load the new file through an anonymous in-memory copy: no file name
+    // another user could race, and nothing left behind.
+    copy_fd = ::memfd_create("canopy-module", MFD_CLOEXEC);
+    bool copied = copy_fd >= 0 && copy_to_fd(path, copy_fd);
+    if (!copied) {
+      if (copy_fd >= 0)
+        ::close(copy_fd);
+      return make_error(errc::io_error, "cannot load the changed module library " + path
+                                          + ": copying it failed: " + std::strerror(errno));
+    }
+    open_path = "/proc/self/fd/" + std::to_string(copy_fd);
   }
   dlerror();
   void* handle = dlopen(open_path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (open_path != path)
-    fs::remove(open_path, ec);  // the mapping stays valid after unlink
+  if (copy_fd >= 0)
+    ::close(copy_fd);  // the mapping stays valid
   if (handle == nullptr) {
     const char* why = dlerror();
     return make_error(errc::io_error,

@@ -11,6 +11,14 @@
 
 namespace canopy {
 
+nlohmann::json agent_memory::desired_of(const std::string& module) {
+  std::lock_guard<std::mutex> guard{mtx};
+  if (current)
+    if (auto* m = current->find(module))
+      return m->desired_properties;
+  return nlohmann::json::object();
+}
+
 nlohmann::json merge_patch_between(const nlohmann::json& from, const nlohmann::json& to) {
   if (!from.is_object() || !to.is_object())
     return to;
@@ -77,6 +85,11 @@ using agent_actor = caf::stateful_actor<agent_state>;
 const char* status_name(desired_status s) { return s == desired_status::running ? "running" : "stopped"; }
 
 void persist(agent_actor* self, const module_row& row) {
+  {
+    auto& mem = *self->state.cfg.memory;
+    std::lock_guard<std::mutex> guard{mem.mtx};
+    mem.rows[row.name] = row;
+  }
   if (self->state.cfg.store)
     self->send(self->state.cfg.store, atoms::put::value, row);
 }
@@ -151,6 +164,13 @@ void reconcile(agent_actor* self, deployment next, std::function<void(expected<v
         .then([self, name, removed, next_step](bool) {
           if (removed) {
             self->state.modules.erase(name);
+            self->state.reported.erase(name);
+            {
+              auto& mem = *self->state.cfg.memory;
+              std::lock_guard<std::mutex> guard{mem.mtx};
+              mem.rows.erase(name);
+              mem.reported.erase(name);
+            }
             if (self->state.cfg.store)
               self->send(self->state.cfg.store, atoms::forget::value, name);
           }
@@ -183,10 +203,24 @@ void reconcile(agent_actor* self, deployment next, std::function<void(expected<v
     auto spec = std::make_shared<child_spec>(std::move(i->second));
     steps->push_back([self, modules, spec](std::function<void()> next_step) {
       self->request(modules, caf::infinite, atoms::add_child::value, *spec)
-        .then([next_step](bool) { next_step(); }, [next_step](caf::error&) { next_step(); });
+        .then(
+          [next_step, id = spec->id](bool ok) {
+            if (!ok)
+              spdlog::error("module '{}' could not be added to the modules supervisor", id);
+            next_step();
+          },
+          [next_step, id = spec->id](caf::error& err) {
+            spdlog::error("module '{}' could not be started: {}", id, caf::to_string(err));
+            next_step();
+          });
     });
   }
   auto persisted = next;
+  {
+    // Before any module starts: a (re)start reads its desired properties here.
+    std::lock_guard<std::mutex> guard{st.cfg.memory->mtx};
+    st.cfg.memory->current = next;
+  }
   st.current = std::move(next);
   if (st.cfg.store)
     self->send(st.cfg.store, atoms::deploy::value, persisted);
@@ -277,16 +311,21 @@ void on_child_event(agent_actor* self, const child_event_info& ev) {
 caf::behavior agent_impl(agent_actor* self, agent_config cfg) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
-  for (auto& row : st.cfg.persisted_rows) {
-    auto& e = st.modules[row.name];
-    e.row = row;
-    if (e.row.status != "failed")
-      e.row.status = "stopped";
-  }
-  for (auto& [name, doc] : st.cfg.persisted_reported) {
-    auto j = nlohmann::json::parse(doc, nullptr, false);
-    if (!j.is_discarded())
-      st.reported[name] = std::move(j);
+  if (!st.cfg.memory)
+    st.cfg.memory = std::make_shared<agent_memory>();
+  {
+    // Continue from what an earlier agent (or the store, at node start) knew.
+    auto& mem = *st.cfg.memory;
+    std::lock_guard<std::mutex> guard{mem.mtx};
+    for (auto& [name, row] : mem.rows) {
+      auto& e = st.modules[name];
+      e.row = row;
+      if (e.row.status != "failed")
+        e.row.status = "stopped";
+    }
+    st.reported = mem.reported;
+    if (!st.cfg.initial && mem.current)
+      st.cfg.initial = *mem.current;
   }
   if (st.cfg.initial) {
     // Forget rows of modules the initial deployment does not have.
@@ -323,7 +362,14 @@ caf::behavior agent_impl(agent_actor* self, agent_config cfg) {
       auto rp = self->make_response_promise();
       spdlog::info("restarting module '{}' on request", name);
       self->request(st.cfg.modules, caf::infinite, atoms::restart_child::value, name)
-        .then([rp](bool) mutable { rp.deliver(caf::unit); },
+        .then([rp, name](bool ok) mutable {
+                if (ok)
+                  rp.deliver(caf::unit);
+                else
+                  rp.deliver(caf::make_error(caf::sec::runtime_error,
+                                             "module '" + name + "' cannot be restarted now (it is being "
+                                             "stopped or the node is shutting down)"));
+              },
               [rp](caf::error& err) mutable { rp.deliver(err); });
       return rp;
     },
@@ -370,6 +416,11 @@ caf::behavior agent_impl(agent_actor* self, agent_config cfg) {
       if (doc.is_null())
         doc = nlohmann::json::object();
       doc.merge_patch(p);
+      {
+        auto& mem = *self->state.cfg.memory;
+        std::lock_guard<std::mutex> guard{mem.mtx};
+        mem.reported[module] = doc;
+      }
       if (self->state.cfg.store)
         self->send(self->state.cfg.store, atoms::reported::value, module, doc.dump());
     },
@@ -379,12 +430,13 @@ caf::behavior agent_impl(agent_actor* self, agent_config cfg) {
       st.cfg.modules = std::move(modules);
       // A fresh modules supervisor has no children: run the whole deployment
       // in it again (the pending initial one, if any, is already queued).
-      if (st.current && st.queue.empty()) {
+      for (auto& [name, e] : st.modules)
+        e.instance = caf::actor{};
+      if (st.current) {
+        // Run it again first; deployments already queued follow it.
         auto again = std::move(*st.current);
         st.current.reset();
-        for (auto& [name, e] : st.modules)
-          e.instance = caf::actor{};
-        st.queue.emplace_back(std::move(again), caf::response_promise{});
+        st.queue.emplace_front(std::move(again), caf::response_promise{});
       }
       apply_next(self);
     },

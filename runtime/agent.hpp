@@ -26,12 +26,25 @@
 #include <caf/fwd.hpp>
 
 #include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 
 namespace canopy {
 
-/// Persisted state of one module (the store's module_status row).
-struct module_state_record;
+/// What the agent knows that must outlive one agent instance: a restarted
+/// agent continues from it, and module (re)starts read their desired
+/// properties from it. Owned by the node; every member is guarded by `mtx`.
+struct agent_memory {
+  std::mutex mtx;
+  std::optional<deployment> current;             ///< the deployment being run
+  std::map<std::string, module_row> rows;        ///< module statuses
+  std::map<std::string, nlohmann::json> reported;  ///< reported properties by module
+
+  /// The current desired properties of `module` ({} if it has none). Locks.
+  nlohmann::json desired_of(const std::string& module);
+};
 
 struct agent_config {
   /// Builds the supervisor child spec of a module (loads its library, maps its
@@ -41,9 +54,10 @@ struct agent_config {
   caf::actor router;    ///< receives (set_routes, route_table)
   caf::actor store;     ///< receives (put, ...) records; may be invalid
   clock* clk = nullptr; ///< wall time for statuses
-  std::optional<deployment> initial;        ///< applied at start (the last deployment)
-  std::vector<module_row> persisted_rows;   ///< statuses from the store, shown until updated
-  std::map<std::string, std::string> persisted_reported;  ///< reported properties by module
+  /// Applied at start; if unset, the agent runs memory->current again.
+  std::optional<deployment> initial;
+  /// Shared with the node and later agents; required.
+  std::shared_ptr<agent_memory> memory;
 };
 
 /// Spawns the agent.

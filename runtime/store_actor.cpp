@@ -18,6 +18,8 @@ struct store_state {
   bool flush_pending = false;
   std::map<std::uint64_t, upstream_callback> subscribers;
   std::uint64_t appended = 0;
+  std::uint64_t dropped = 0;  ///< $upstream messages given up after failed writes
+  bool retry_pending = false;
   static inline const char* name = "canopy.store";
 };
 
@@ -39,8 +41,21 @@ void flush(store_actor* self) {
     entries.push_back(upstream_entry{rm.module, rm.output, now, rm.msg.encoded()});
   auto seqs = st.store->append_upstream(entries);
   if (!seqs) {
+    // Keep the batch and try again shortly (a busy or full disk may recover);
+    // past a bound, drop the oldest and count them, loudly.
     log_failure("storing $upstream messages", seqs.err());
-    st.batch.clear();
+    constexpr std::size_t max_retained = 100000;
+    if (st.batch.size() > max_retained) {
+      auto excess = st.batch.size() - max_retained;
+      st.batch.erase(st.batch.begin(), st.batch.begin() + static_cast<std::ptrdiff_t>(excess));
+      st.dropped += excess;
+      spdlog::error("store: dropped {} $upstream message(s) after failed writes ({} in all)", excess,
+                    st.dropped);
+    }
+    if (!st.retry_pending) {
+      st.retry_pending = true;
+      self->delayed_send(self, std::chrono::seconds{1}, atoms::flush::value);
+    }
     return;
   }
   st.appended += st.batch.size();
@@ -63,6 +78,11 @@ void flush(store_actor* self) {
 caf::behavior store_impl(store_actor* self, std::shared_ptr<node_store> store, const clock* clk) {
   self->state.store = std::move(store);
   self->state.clk = clk;
+  // An orderly stop writes what is still batched before the actor goes.
+  self->set_exit_handler([self](caf::exit_msg& em) {
+    flush(self);
+    self->quit(em.reason);
+  });
   return {
     [self](atoms::put, const module_row& row) {
       module_state_record rec{row.name, row.status, row.restart_count, row.last_start_ms,
@@ -93,10 +113,13 @@ caf::behavior store_impl(store_actor* self, std::shared_ptr<node_store> store, c
         st.flush_pending = true;
         self->send(self, atoms::flush::value);
       }
-      if (st.batch.size() >= 4096)
+      if (st.batch.size() >= 4096 && !st.retry_pending)
         flush(self);
     },
-    [self](atoms::flush) { flush(self); },
+    [self](atoms::flush) {
+      self->state.retry_pending = false;
+      flush(self);
+    },
     [self](atoms::subscribe, std::uint64_t id, std::int64_t after_seq, std::uint64_t backlog,
            upstream_callback& cb) {
       auto& st = self->state;

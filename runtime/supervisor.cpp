@@ -597,7 +597,9 @@ class supervisor_core {
     // can rely on the deadline being scheduled.
     add_child_timer(*c, schedule(c->spec.health.deadline,
                                  [this, id, gen, seq] { health_deadline(id, gen, seq); }));
-    self_->send(c->instance, atoms::health_ping::value, seq);
+    // High priority: a healthy module with a long input backlog answers
+    // before working through it, so a backlog is not mistaken for a hang.
+    self_->send<caf::message_priority::high>(c->instance, atoms::health_ping::value, seq);
     schedule_ping(*c);
   }
 

@@ -33,7 +33,7 @@ int main(int argc, char** argv) {
   run->add_flag("--log-json", opts.log.json, "Log one JSON object per line");
   run->add_option("--module-path", opts.module_path, "Directories searched for relative module libraries");
   run->add_option("--threads", opts.worker_threads, "Actor worker threads (0 = default)");
-  unsigned stop_timeout = 20;
+  unsigned stop_timeout = 60;
   run->add_option("--stop-timeout", stop_timeout,
                   "Seconds an orderly stop may take before the process exits anyway")
     ->capture_default_str();
@@ -87,5 +87,5 @@ int main(int argc, char** argv) {
     std::_Exit(3);
   }).detach();
   (*n)->stop();
-  return 0;
+  return (*n)->failed() ? 1 : 0;
 }

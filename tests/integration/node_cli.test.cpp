@@ -448,6 +448,14 @@ TEST_CASE("a change of desired properties alone patches the module without a res
   CHECK(after->status == "running");
   CHECK(after->last_start_ms == filter->last_start_ms);
   CHECK(after->restart_count == filter->restart_count);
+
+  // A restarted instance starts with the desired properties as they are now.
+  REQUIRE(node.ctl({"restart", "filter"}).exit_code == 0);
+  REQUIRE(node.wait_module("filter", [&](const module_view& m) {
+    return m.status == "running" && m.last_start_ms != filter->last_start_ms;
+  }));
+  CHECK(count_occurrences(node.output(), "temperature threshold: 7.5") >= 2);
+  CHECK(count_occurrences(node.output(), "temperature threshold: 0") == 1);
 }
 
 TEST_CASE("canopy check validates manifests", "[node_cli]") {

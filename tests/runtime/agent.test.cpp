@@ -211,6 +211,7 @@ TEST_CASE("the initial deployment starts every module and routes are installed")
   (*f.self)->receive([](atoms::set_routes, const route_table& t) { CHECK(t->size() == 1); },
                      caf::after(5s) >> [] { FAIL("no routes"); });
   f.wait_for([&] { return running(f, {"a", "b", "c"}); });
+  f.wait_for([&] { return f.reg.count("a") >= 1; });
   CHECK(f.reg.count("a") == 1);
   auto rows = f.list();
   REQUIRE(rows.size() == 3);
@@ -229,9 +230,10 @@ TEST_CASE("reconcile restarts only what changed") {
   d.modules.push_back(module_named("d", 4));              // d: added -> started
   CHECK(!f.deploy(d));
   f.wait_for([&] { return running(f, {"a", "b", "d"}); });
-  CHECK(f.reg.count("a") == 2);
+  // An instance counts itself when it first runs, just after the supervisor
+  // spawned it: wait for that rather than race it.
+  f.wait_for([&] { return f.reg.count("a") == 2 && f.reg.count("d") == 1; });
   CHECK(f.reg.count("b") == 1);
-  CHECK(f.reg.count("d") == 1);
   auto rows = f.list();
   CHECK(rows.size() == 3);
   CHECK(std::none_of(rows.begin(), rows.end(), [](auto& r) { return r.name == "c"; }));
@@ -264,6 +266,7 @@ TEST_CASE("a module that cannot be built fails the deployment and nothing change
   REQUIRE(err);
   CHECK(caf::to_string(err).find("cannot load d") != std::string::npos);
   CHECK(running(f, {"a", "b", "c"}));
+  f.wait_for([&] { return f.reg.count("a") >= 1; });
   CHECK(f.reg.count("a") == 1);
   CHECK(f.list().size() == 3);
 }
@@ -317,4 +320,58 @@ TEST_CASE("twin shows desired from the deployment and reported from the module")
   });
   CHECK(nlohmann::json::parse(t.desired_json) == nlohmann::json{{"threshold", 25}});
   CHECK(nlohmann::json::parse(t.reported_json) == nlohmann::json{{"threshold", 25}, {"x", {{"z", 2}}}});
+}
+
+TEST_CASE("a restarted agent continues from the shared memory: deployment, statuses, reported") {
+  fixture f;
+  auto memory = std::make_shared<agent_memory>();
+  auto start_with_memory = [&](std::optional<deployment> initial) {
+    agent_config ac;
+    ac.router = caf::actor{*f.self};
+    ac.clk = &f.clk;
+    ac.initial = std::move(initial);
+    ac.memory = memory;
+    auto* r = &f.reg;
+    auto probe = caf::actor{*f.self};
+    ac.make_child = [r, probe](const module_spec& m, caf::actor) -> expected<child_spec> {
+      child_spec c;
+      c.id = m.name;
+      c.own_limit = restart_intensity{5, std::chrono::minutes{1}};
+      c.backoff = backoff_policy{clock::duration::zero(), clock::duration::zero(), std::chrono::hours{1}, 0};
+      auto name = m.name;
+      c.start = [name, r, probe](caf::actor_system& s) { return s.spawn(stand_in, name, r, probe); };
+      return c;
+    };
+    f.agent = spawn_agent(*f.sys, std::move(ac));
+    supervisor_config mc;
+    mc.name = "modules";
+    mc.clk = &f.clk;
+    mc.observer = f.agent;
+    mc.intensity = restart_intensity{1000, std::chrono::seconds{1}};
+    f.modules = spawn_supervisor(*f.sys, mc);
+    caf::anon_send(f.agent, atoms::modules_ready::value, f.modules);
+  };
+  auto d = three_modules();
+  d.modules[1].desired_properties = {{"threshold", 42}};
+  start_with_memory(d);
+  f.wait_for([&] { return running(f, {"a", "b", "c"}); });
+  caf::anon_send(f.reg.instance("a"), crash_atom::value);
+  f.wait_for([&] { return f.row("a").restart_count == 1 && f.row("a").status == "running"; });
+  caf::anon_send(f.agent, atoms::reported::value, std::string{"b"}, std::string{R"({"seen":1})"});
+  f.wait_for([&] {
+    std::lock_guard<std::mutex> g{memory->mtx};
+    return memory->reported.count("b") > 0;
+  });
+  CHECK(memory->desired_of("b") == nlohmann::json{{"threshold", 42}});
+  // The agent and its modules die (as rest_for_one does after a router crash);
+  // a new agent with no initial deployment continues from the memory.
+  caf::anon_send_exit(f.agent, caf::exit_reason::kill);
+  caf::anon_send_exit(f.modules, caf::exit_reason::user_shutdown);
+  start_with_memory(std::nullopt);
+  f.wait_for([&] { return running(f, {"a", "b", "c"}); });
+  CHECK(f.row("a").last_exit_reason.find("boom") != std::string::npos);  // kept from the first life
+  twin_doc t;
+  (*f.self)->request(f.agent, 5s, atoms::twin::value, std::string{"b"}).receive([&](twin_doc& doc) { t = doc; }, [](caf::error&) { FAIL("no twin"); });
+  CHECK(nlohmann::json::parse(t.reported_json) == nlohmann::json{{"seen", 1}});
+  CHECK(nlohmann::json::parse(t.desired_json) == nlohmann::json{{"threshold", 42}});
 }
