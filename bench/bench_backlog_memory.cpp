@@ -5,14 +5,12 @@
 // measured twice: right after it was appended, and after the store was closed
 // and reopened (as after a restart: lanes and queue lengths loaded from disk).
 //   RESULT bench-backlog-memory delta_mb=... rss_empty_mb=... rss_backlog_mb=... ratio=...
-#include "bench/bench_common.hpp"
+#include "bench/bench_store.hpp"
 #include "runtime/message_store.hpp"
 
 #include <unistd.h>
 
 #include <cstdio>
-#include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -22,53 +20,26 @@ using namespace canopy::bench;
 
 namespace {
 
-[[noreturn]] void die(const std::string& what) {
-  std::fprintf(stderr, "bench-backlog-memory: %s\n", what.c_str());
-  std::exit(1);
-}
-
-/// A fresh directory under /tmp, removed at scope end.
-struct temp_dir {
-  temp_dir() {
-    char tmpl[] = "/tmp/canopy-bench-backlog-XXXXXX";
-    if (::mkdtemp(tmpl) == nullptr)
-      die("mkdtemp failed");
-    path = tmpl;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  std::string path;
-};
+constexpr std::string_view bench_name = "bench-backlog-memory";
 
 /// Resident set size in MiB (second field of /proc/self/statm, in pages).
 double rss_mb() {
   std::ifstream in("/proc/self/statm");
   long size = 0, resident = 0;
   if (!(in >> size >> resident))
-    die("cannot read /proc/self/statm");
+    die(bench_name, "cannot read /proc/self/statm");
   return static_cast<double>(resident) * static_cast<double>(::sysconf(_SC_PAGESIZE)) /
          (1024.0 * 1024.0);
 }
 
 constexpr std::string_view endpoint = "/modules/archiver/inputs/in";
 
-std::unique_ptr<message_store> open_store(const std::string& dir) {
-  auto s = message_store::open(dir);
-  if (!s)
-    die(s.err().message);
-  return std::move(s).value();
-}
-
 /// Reads the first window after the checkpoint and keeps it (what the router
 /// holds in memory while it delivers).
 std::vector<queued_message> first_window(message_store& store, long window) {
   auto w = store.read(endpoint, 0, store.checkpoint(endpoint, 0), static_cast<std::size_t>(window));
   if (!w)
-    die(w.err().message);
+    die(bench_name, w.err().message);
   return std::move(w).value();
 }
 
@@ -77,42 +48,32 @@ std::vector<queued_message> first_window(message_store& store, long window) {
 int main(int argc, char** argv) {
   const long n = arg(argc, argv, "messages", 1'000'000);
   const long window = arg(argc, argv, "window", 1000);
-  temp_dir dir;
+  temp_dir dir(bench_name);
 
   const std::vector<route_target> targets = {{endpoint, 0, message_store_options::no_expiry}};
-  std::vector<append_entry> batch;
-  for (long i = 0; i < 1000; ++i) {
-    std::string body(100, 'x');
-    std::snprintf(body.data(), body.size(), "%ld", i);
-    batch.push_back({message_builder{}.body(body).build(), {"sensor", "temp", ""}, targets});
-  }
+  const std::vector<append_entry> batch = sample_batch(1000, targets);
 
-  auto store = open_store(dir.path);
+  auto store = open_store(bench_name, dir.path);
   // Empty queue: the same work once (append a window, read it, acknowledge
   // it), so the baseline includes the store's fixed costs.
   {
     auto r =
       store->append(std::span<const append_entry>(batch.data(), static_cast<std::size_t>(window)));
     if (!r)
-      die(r.err().message);
+      die(bench_name, r.err().message);
     auto w = first_window(*store, window);
     if (auto a = store->ack(endpoint, 0, w.back().seq); !a)
-      die(a.err().message);
+      die(bench_name, a.err().message);
   }
   std::vector<queued_message> held = first_window(*store, window);  // empty
   const double rss_empty = rss_mb();
   std::printf("empty queue: rss %.1f MB\n", rss_empty);
   std::fflush(stdout);
 
-  for (long done = 0; done < n; done += 1000) {
-    const auto take = static_cast<std::size_t>(std::min(1000L, n - done));
-    auto r = store->append(std::span<const append_entry>(batch.data(), take));
-    if (!r)
-      die(r.err().message);
-  }
+  append_n(bench_name, *store, batch, n);
   held = first_window(*store, window);
   if (store->queue_length(endpoint, 0) != n)
-    die("backlog has the wrong length");
+    die(bench_name, "backlog has the wrong length");
   const double rss_backlog = rss_mb();
   std::printf("backlog of %ld after appending: rss %.1f MB, window %zu messages\n", n, rss_backlog,
               held.size());
@@ -120,10 +81,10 @@ int main(int argc, char** argv) {
 
   held.clear();
   store.reset();
-  store = open_store(dir.path);
+  store = open_store(bench_name, dir.path);
   held = first_window(*store, window);
   if (store->queue_length(endpoint, 0) != n)
-    die("reopened backlog has the wrong length");
+    die(bench_name, "reopened backlog has the wrong length");
   const double rss_reopened = rss_mb();
   auto size = store->size();
   std::printf("backlog of %ld after reopening: rss %.1f MB; file %.1f MB\n", n, rss_reopened,

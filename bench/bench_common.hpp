@@ -1,10 +1,18 @@
-// Helpers shared by the benchmarks: percentiles and the RESULT line.
+// Helpers shared by the benchmarks: percentiles, arguments, stopping on a
+// failure, a scratch directory. (The message_store benchmarks' helpers are in
+// bench_store.hpp.)
 #pragma once
+
+#include <stdlib.h>  // mkdtemp
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <string>
+#include <string_view>
+#include <system_error>
 #include <vector>
 
 namespace canopy::bench {
@@ -34,5 +42,33 @@ inline long arg(int argc, char** argv, const std::string& name, long fallback) {
   }
   return fallback;
 }
+
+/// Stops the benchmark `bench` (its name, e.g. "bench-drain") at the first
+/// failure: prints "<bench>: <what>" on stderr and exits with status 1.
+[[noreturn]] inline void die(std::string_view bench, const std::string& what) {
+  std::fprintf(stderr, "%.*s: %s\n", static_cast<int>(bench.size()), bench.data(), what.c_str());
+  std::exit(1);
+}
+
+/// A fresh directory /tmp/canopy-<bench>-XXXXXX, removed with its contents at
+/// scope end. Not copyable.
+struct temp_dir {
+  /// Creates it, or dies.
+  explicit temp_dir(std::string_view bench) {
+    std::string tmpl = "/tmp/canopy-" + std::string(bench) + "-XXXXXX";
+    if (::mkdtemp(tmpl.data()) == nullptr)
+      die(bench, "mkdtemp failed");
+    path = tmpl;
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+
+  /// The directory's absolute path.
+  std::string path;
+};
 
 }  // namespace canopy::bench

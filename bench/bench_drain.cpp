@@ -6,16 +6,12 @@
 // SELECT scan of the same message rows copying the same bytes out (no
 // checkpoint, no reclaim). The backlog is filled before the clock starts.
 //   RESULT bench-drain msgs_per_s=... scan_rows_per_s=... ratio=...
-#include "bench/bench_common.hpp"
+#include "bench/bench_store.hpp"
 #include "runtime/message_store.hpp"
 
 #include <sqlite3.h>
 
-#include <unistd.h>
-
 #include <cstdio>
-#include <cstdlib>
-#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -24,57 +20,21 @@ using namespace canopy::bench;
 
 namespace {
 
-[[noreturn]] void die(const std::string& what) {
-  std::fprintf(stderr, "bench-drain: %s\n", what.c_str());
-  std::exit(1);
-}
-
-/// A fresh directory under /tmp, removed at scope end.
-struct temp_dir {
-  temp_dir() {
-    char tmpl[] = "/tmp/canopy-bench-drain-XXXXXX";
-    if (::mkdtemp(tmpl) == nullptr)
-      die("mkdtemp failed");
-    path = tmpl;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  std::string path;
-};
+constexpr std::string_view bench_name = "bench-drain";
 
 constexpr std::string_view endpoint = "$upstream";
-
-void fill(message_store& store, long n) {
-  const std::vector<route_target> targets = {{endpoint, 0, message_store_options::no_expiry}};
-  std::vector<append_entry> batch;
-  for (long i = 0; i < 1000; ++i) {
-    std::string body(100, 'x');
-    std::snprintf(body.data(), body.size(), "%ld", i);
-    batch.push_back({message_builder{}.body(body).build(), {"sensor", "temp", ""}, targets});
-  }
-  for (long done = 0; done < n; done += 1000) {
-    const auto take = static_cast<std::size_t>(std::min(1000L, n - done));
-    auto r = store.append(std::span<const append_entry>(batch.data(), take));
-    if (!r)
-      die(r.err().message);
-  }
-}
 
 /// The baseline: every message row, in id order, bytes copied out.
 double raw_scan(const std::string& path, long expected, std::size_t& bytes) {
   sqlite3* db = nullptr;
   if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK)
-    die("cannot open " + path);
+    die(bench_name, "cannot open " + path);
   sqlite3_stmt* s = nullptr;
   const char* sql =
     "SELECT id, enqueued_ms, source_module, source_output, source_device, encoded "
     "FROM messages ORDER BY id";
   if (sqlite3_prepare_v2(db, sql, -1, &s, nullptr) != SQLITE_OK)
-    die(sqlite3_errmsg(db));
+    die(bench_name, sqlite3_errmsg(db));
   long rows = 0;
   std::vector<std::string> window(1000);
   const auto t0 = bench_clock::now();
@@ -89,7 +49,7 @@ double raw_scan(const std::string& path, long expected, std::size_t& bytes) {
   sqlite3_finalize(s);
   sqlite3_close(db);
   if (rows != expected)
-    die("scan saw " + std::to_string(rows) + " rows");
+    die(bench_name, "scan saw " + std::to_string(rows) + " rows");
   return static_cast<double>(rows) / std::chrono::duration<double>(t1 - t0).count();
 }
 
@@ -100,19 +60,19 @@ double drain(message_store& store, long expected, long window) {
   for (;;) {
     auto w = store.read(endpoint, 0, after, static_cast<std::size_t>(window));
     if (!w)
-      die(w.err().message);
+      die(bench_name, w.err().message);
     if (w->empty())
       break;
     delivered += static_cast<long>(w->size());
     after = w->back().seq;
     if (auto r = store.ack(endpoint, 0, after); !r)
-      die(r.err().message);
+      die(bench_name, r.err().message);
   }
   const auto t1 = bench_clock::now();
   if (delivered != expected)
-    die("drained " + std::to_string(delivered) + " messages");
+    die(bench_name, "drained " + std::to_string(delivered) + " messages");
   if (store.queue_length(endpoint, 0) != 0)
-    die("queue not empty after the drain");
+    die(bench_name, "queue not empty after the drain");
   return static_cast<double>(delivered) / std::chrono::duration<double>(t1 - t0).count();
 }
 
@@ -121,22 +81,21 @@ double drain(message_store& store, long expected, long window) {
 int main(int argc, char** argv) {
   const long n = arg(argc, argv, "messages", 1'000'000);
   const long window = arg(argc, argv, "window", 1000);
-  temp_dir dir;
-  auto store = message_store::open(dir.path);
-  if (!store)
-    die(store.err().message);
+  temp_dir dir(bench_name);
+  auto store = open_store(bench_name, dir.path);
+  const std::vector<route_target> targets = {{endpoint, 0, message_store_options::no_expiry}};
   const auto f0 = bench_clock::now();
-  fill(**store, n);
+  append_n(bench_name, *store, sample_batch(1000, targets), n);
   const double fill_s = std::chrono::duration<double>(bench_clock::now() - f0).count();
   std::printf("filled %ld messages in %.1f s\n", n, fill_s);
   std::fflush(stdout);
 
   std::size_t bytes = 0;
-  const double scan = raw_scan((*store)->path(), n, bytes);
+  const double scan = raw_scan(store->path(), n, bytes);
   std::printf("raw scan: %.0f rows/s (%zu bytes)\n", scan, bytes);
   std::fflush(stdout);
-  const double drained = drain(**store, n, window);
-  auto size = (*store)->size();
+  const double drained = drain(*store, n, window);
+  auto size = store->size();
   std::printf("drain: %.0f msg/s; file %lld bytes, %lld free after the drain\n", drained,
               size ? static_cast<long long>(size->file_bytes) : -1LL,
               size ? static_cast<long long>(size->free_bytes) : -1LL);

@@ -5,16 +5,12 @@
 // same disk (WAL, synchronous=FULL, 1000 rows per transaction), measured in the
 // same run. Best of --rounds rounds, each on fresh files.
 //   RESULT bench-durable-enqueue msgs_per_s=... raw_rows_per_s=... ratio=...
-#include "bench/bench_common.hpp"
+#include "bench/bench_store.hpp"
 #include "runtime/message_store.hpp"
 
 #include <sqlite3.h>
 
-#include <unistd.h>
-
 #include <cstdio>
-#include <cstdlib>
-#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -23,50 +19,17 @@ using namespace canopy::bench;
 
 namespace {
 
-[[noreturn]] void die(const std::string& what) {
-  std::fprintf(stderr, "bench-durable-enqueue: %s\n", what.c_str());
-  std::exit(1);
-}
-
-/// A fresh directory under /tmp, removed at scope end.
-struct temp_dir {
-  temp_dir() {
-    char tmpl[] = "/tmp/canopy-bench-enqueue-XXXXXX";
-    if (::mkdtemp(tmpl) == nullptr)
-      die("mkdtemp failed");
-    path = tmpl;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  std::string path;
-};
+constexpr std::string_view bench_name = "bench-durable-enqueue";
 
 double through_store(long n, long batch_size) {
-  temp_dir dir;
-  auto store = message_store::open(dir.path);
-  if (!store)
-    die(store.err().message);
+  temp_dir dir(bench_name);
+  auto store = open_store(bench_name, dir.path);
   const std::vector<route_target> targets = {{"/modules/filter/inputs/in", 0, {}}};
   // One batch of distinct 100-byte messages, built before the clock starts
   // (building is the sender's cost) and appended again and again.
-  std::vector<append_entry> batch;
-  for (long i = 0; i < batch_size; ++i) {
-    std::string body(100, 'x');
-    std::snprintf(body.data(), body.size(), "%ld", i);
-    batch.push_back({message_builder{}.body(body).build(), {"sensor", "temp", ""}, targets});
-  }
+  const std::vector<append_entry> batch = sample_batch(batch_size, targets);
   const auto t0 = bench_clock::now();
-  for (long done = 0; done < n; done += batch_size) {
-    const long take = std::min(batch_size, n - done);
-    auto r =
-      (*store)->append(std::span<const append_entry>(batch.data(), static_cast<std::size_t>(take)));
-    if (!r)
-      die(r.err().message);
-  }
+  append_n(bench_name, *store, batch, n);
   const auto t1 = bench_clock::now();
   return static_cast<double>(n) / std::chrono::duration<double>(t1 - t0).count();
 }
@@ -74,21 +37,21 @@ double through_store(long n, long batch_size) {
 void exec(sqlite3* db, const char* sql) {
   char* err = nullptr;
   if (sqlite3_exec(db, sql, nullptr, nullptr, &err) != SQLITE_OK)
-    die(std::string(sql) + ": " + (err != nullptr ? err : "?"));
+    die(bench_name, std::string(sql) + ": " + (err != nullptr ? err : "?"));
 }
 
 double raw_sqlite(long n, long batch_size) {
-  temp_dir dir;
+  temp_dir dir(bench_name);
   const std::string path = dir.path + "/raw.db";
   sqlite3* db = nullptr;
   if (sqlite3_open(path.c_str(), &db) != SQLITE_OK)
-    die("cannot open " + path);
+    die(bench_name, "cannot open " + path);
   exec(db, "PRAGMA journal_mode = WAL");
   exec(db, "PRAGMA synchronous = FULL");
   exec(db, "CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)");
   sqlite3_stmt* ins = nullptr;
   if (sqlite3_prepare_v2(db, "INSERT INTO t (payload) VALUES (?1)", -1, &ins, nullptr) != SQLITE_OK)
-    die("prepare");
+    die(bench_name, "prepare");
   const std::string row(200, 'r');
   const auto t0 = bench_clock::now();
   for (long done = 0; done < n; done += batch_size) {
@@ -97,7 +60,7 @@ double raw_sqlite(long n, long batch_size) {
     for (long i = 0; i < take; ++i) {
       sqlite3_bind_blob(ins, 1, row.data(), static_cast<int>(row.size()), SQLITE_STATIC);
       if (sqlite3_step(ins) != SQLITE_DONE)
-        die("insert");
+        die(bench_name, "insert");
       sqlite3_reset(ins);
     }
     exec(db, "COMMIT");

@@ -12,8 +12,8 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <tuple>
 #include <unordered_map>
@@ -55,14 +55,9 @@ std::string multi_row_insert(const char* prefix, int columns, std::size_t rows) 
 /// Expired rows dropped per transaction while read() or expire() scan a lane.
 constexpr std::size_t expiry_chunk = 4096;
 
-struct migration {
-  int version;
-  const char* sql;
-};
-
 // Append-only: a released migration is never edited; a change of schema is a
 // new entry with the next version.
-constexpr migration migrations[] = {
+constexpr detail::migration migrations[] = {
   {1, R"sql(
 CREATE TABLE counters (
   id              INTEGER PRIMARY KEY CHECK (id = 1),
@@ -226,13 +221,26 @@ struct message_store::impl {
     return detail::stmt_error(label, path, db.get(), s, rc);
   }
 
-  /// Steps a statement that returns no row, once.
-  expected<void> run(sql_statement& st) {
+  /// Binds `values` to parameters 1, 2, ... of a statement that returns no
+  /// row, steps it once and resets it. On failure, `*failed_rc` (if given)
+  /// receives SQLite's result code.
+  expected<void> run(sql_statement& st, std::initializer_list<std::int64_t> values = {},
+                     int* failed_rc = nullptr) {
     sqlite3_stmt* s = st.get();
     statement_use use(s);
+    auto fail = [&](int rc) -> expected<void> {
+      if (failed_rc != nullptr)
+        *failed_rc = rc;
+      return stmt_error(s, rc);
+    };
+    binder b(s);
+    for (const std::int64_t v : values)
+      b.i64(v);
+    if (b.rc() != SQLITE_OK)
+      return fail(b.rc());
     const int rc = sqlite3_step(s);
     if (rc != SQLITE_DONE)
-      return stmt_error(s, rc);
+      return fail(rc);
     return {};
   }
 
@@ -265,37 +273,26 @@ struct message_store::impl {
   /// Deletes the message `id` if this was its last reference, else decrements
   /// its count. Inside a transaction.
   expected<void> release(std::int64_t id) {
-    {
-      sqlite3_stmt* s = release_message.get();
-      statement_use use(s);
-      binder b(s);
-      b.i64(id);
-      if (b.rc() != SQLITE_OK)
-        return stmt_error(s, b.rc());
-      const int rc = sqlite3_step(s);
-      if (rc != SQLITE_DONE)
-        return stmt_error(s, rc);
-      if (sqlite3_changes(db.get()) > 0)
-        return {};
-    }
-    sqlite3_stmt* s = unref_message.get();
-    statement_use use(s);
-    binder b(s);
-    b.i64(id);
-    if (b.rc() != SQLITE_OK)
-      return stmt_error(s, b.rc());
-    const int rc = sqlite3_step(s);
-    if (rc != SQLITE_DONE)
-      return stmt_error(s, rc);
-    return {};
+    if (auto r = run(release_message, {id}); !r)
+      return r;
+    // The reset (in run) keeps the count of the completed statement.
+    if (sqlite3_changes(db.get()) > 0)
+      return {};
+    return run(unref_message, {id});
   }
 
-  /// Runs a DELETE ... RETURNING message_id and releases each message. Returns
-  /// the number of queue rows deleted. Inside a transaction.
-  expected<std::int64_t> delete_rows(sqlite3_stmt* s) {
+  /// Runs a lane's DELETE ... RETURNING message_id (parameters endpoint_id,
+  /// priority, seq) and releases each message. Returns the number of queue
+  /// rows deleted. Inside a transaction.
+  expected<std::int64_t> delete_rows(sql_statement& st, const lane_state& lane, std::int64_t seq) {
+    sqlite3_stmt* s = st.get();
     scratch_ids.clear();
     {
       statement_use use(s);
+      binder b(s);
+      b.i64(lane.endpoint_id).i64(lane.priority).i64(seq);
+      if (b.rc() != SQLITE_OK)
+        return stmt_error(s, b.rc());
       int rc;
       while ((rc = sqlite3_step(s)) == SQLITE_ROW)
         scratch_ids.push_back(sqlite3_column_int64(s, 0));
@@ -316,16 +313,7 @@ struct message_store::impl {
       return r;
     std::int64_t dropped = 0;
     for (const std::int64_t seq : seqs) {
-      sqlite3_stmt* s = delete_one.get();
-      binder b(s);
-      b.i64(lane.endpoint_id).i64(lane.priority).i64(seq);
-      if (b.rc() != SQLITE_OK) {
-        error e = stmt_error(s, b.rc());
-        sqlite3_clear_bindings(s);
-        rollback_tx();
-        return e;
-      }
-      auto n = delete_rows(s);
+      auto n = delete_rows(delete_one, lane, seq);
       if (!n) {
         rollback_tx();
         return std::move(n).err();
@@ -351,10 +339,6 @@ struct message_store::impl {
 };
 
 expected<void> message_store::impl::prepare() {
-  struct entry {
-    sql_statement* stmt;
-    const char* sql;
-  };
   const std::string insert_messages_sql = multi_row_insert(
     "INSERT INTO messages (id, enqueued_ms, expiry_ms, refs, source_module, source_output, "
     "source_device, encoded) VALUES",
@@ -362,7 +346,7 @@ expected<void> message_store::impl::prepare() {
   const std::string insert_queue_rows_sql =
     multi_row_insert("INSERT INTO queue (endpoint_id, priority, seq, message_id, expiry_ms) VALUES",
                      5, insert_chunk);
-  const entry entries[] = {
+  const detail::statement_slot entries[] = {
     {&begin, "BEGIN IMMEDIATE"},
     {&insert_messages, insert_messages_sql.c_str()},
     {&insert_queue_rows, insert_queue_rows_sql.c_str()},
@@ -401,15 +385,7 @@ expected<void> message_store::impl::prepare() {
     {&page_count, "PRAGMA page_count"},
     {&freelist_count, "PRAGMA freelist_count"},
   };
-  for (const auto& e : entries) {
-    sqlite3_stmt* raw = nullptr;
-    const int rc =
-      sqlite3_prepare_v3(db.get(), e.sql, -1, SQLITE_PREPARE_PERSISTENT, &raw, nullptr);
-    *e.stmt = sql_statement(raw);
-    if (rc != SQLITE_OK)
-      return detail::sql_error(label, path, db.get(), e.sql, rc);
-  }
-  return {};
+  return detail::prepare_statements(label, path, db.get(), entries);
 }
 
 expected<void> message_store::impl::load() {
@@ -490,18 +466,10 @@ message_store::~message_store() = default;
 
 expected<std::unique_ptr<message_store>> message_store::open(const std::string& data_dir,
                                                              const message_store_options& options) {
-  namespace fs = std::filesystem;
-  if (data_dir.empty())
-    return make_error(errc::invalid_argument, "message store: data_dir is empty");
-  std::error_code ec;
-  fs::create_directories(data_dir, ec);
-  if (ec)
-    return make_error(errc::io_error, "message store: cannot create data directory '" + data_dir +
-                                        "': " + ec.message());
-  if (!fs::is_directory(data_dir, ec))
-    return make_error(errc::io_error,
-                      "message store: data directory '" + data_dir + "' is not a directory");
-  return open_file((fs::path(data_dir) / file_name).string(), options);
+  auto path = detail::file_in_data_dir(label, data_dir, file_name);
+  if (!path)
+    return std::move(path).err();
+  return open_file(*path, options);
 }
 
 expected<std::unique_ptr<message_store>> message_store::open_file(
@@ -537,81 +505,6 @@ expected<std::unique_ptr<message_store>> message_store::open_file(
   if (auto r = p->lock.take(path, path + ".lock"); !r)
     return std::move(r).err();
 
-  sqlite3* raw = nullptr;
-  const int flags =
-    SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE;
-  int rc = sqlite3_open_v2(path.c_str(), &raw, flags, nullptr);
-  p->db.reset(raw);  // even on failure, raw (if any) must be closed
-  if (rc != SQLITE_OK)
-    return make_error(errc::store_error,
-                      "message store: cannot open '" + path +
-                        "': " + (raw != nullptr ? sqlite3_errmsg(raw) : sqlite3_errstr(rc)));
-  sqlite3* db = raw;
-  sqlite3_extended_result_codes(db, 1);
-  sqlite3_busy_timeout(db, busy_timeout_ms);
-
-  if (sqlite3_db_readonly(db, "main") == 1)
-    return make_error(errc::store_error,
-                      "message store: '" + path + "' is not writable (SQLite opened it read-only)");
-
-  const auto locked_hint = [&](int code) {
-    return (code & 0xff) == SQLITE_BUSY ? std::string(" (is another canopy node using this file?)")
-                                        : std::string();
-  };
-
-  if (options.verify_on_open) {
-    std::vector<std::string> rows;
-    rc = detail::query_text_rows(db, "PRAGMA quick_check", rows, 8);
-    if (rc != SQLITE_OK)
-      return make_error(errc::store_error,
-                        "message store: '" + path + "' is not a usable SQLite database: " +
-                          sqlite3_errmsg(db) + " (PRAGMA quick_check)" + locked_hint(rc));
-    if (rows.size() != 1 || rows[0] != "ok") {
-      std::string msg = "message store: '" + path + "' is corrupt: PRAGMA quick_check reports: ";
-      for (std::size_t i = 0; i < rows.size(); ++i)
-        msg += (i ? "; " : "") + rows[i];
-      return make_error(errc::store_error, std::move(msg));
-    }
-  }
-
-  auto app_id = detail::query_int(label, path, db, "PRAGMA application_id");
-  if (!app_id)
-    return std::move(app_id).err();
-  if (*app_id != 0 && *app_id != application_id)
-    return make_error(errc::incompatible, "message store: '" + path +
-                                            "' belongs to another application (application_id " +
-                                            std::to_string(*app_id) + ")");
-  auto version = detail::query_int(label, path, db, "PRAGMA user_version");
-  if (!version)
-    return std::move(version).err();
-  if (*version > current_schema_version)
-    return make_error(errc::incompatible, "message store: '" + path + "' has schema version " +
-                                            std::to_string(*version) +
-                                            ", newer than this build supports (" +
-                                            std::to_string(current_schema_version) + ")");
-  if (*app_id == 0 && *version == 0) {
-    auto tables = detail::query_int(label, path, db, "SELECT count(*) FROM sqlite_schema");
-    if (!tables)
-      return std::move(tables).err();
-    if (*tables != 0)
-      return make_error(errc::incompatible, "message store: '" + path +
-                                              "' is an SQLite database of another application");
-  }
-
-  {
-    std::vector<std::string> rows;
-    rc = detail::query_text_rows(db, "PRAGMA journal_mode = WAL", rows);
-    if (rc != SQLITE_OK) {
-      auto e = detail::sql_error(label, path, db, "PRAGMA journal_mode = WAL", rc);
-      e.message += locked_hint(rc);
-      return e;
-    }
-    if (rows.empty() || rows[0] != "wal")
-      return make_error(errc::store_error, "message store: '" + path +
-                                             "' cannot use WAL mode (journal_mode is '" +
-                                             (rows.empty() ? std::string() : rows[0]) +
-                                             "'); is it on a network file system?");
-  }
   const std::string pragmas =
     // auto_vacuum takes effect only on a new file: freed pages are reused
     // (the freelist), never returned to the file system.
@@ -619,37 +512,19 @@ expected<std::unique_ptr<message_store>> message_store::open_file(
     std::to_string(options.cache_bytes / 1024) +
     "; PRAGMA journal_size_limit = " + std::to_string(wal_size_limit_bytes) +
     "; PRAGMA mmap_size = 0";
-  if (auto r = detail::exec(label, path, db, pragmas.c_str()); !r)
-    return std::move(r).err();
-
-  // Migrations: BEGIN IMMEDIATE takes the write lock before reading
-  // user_version, so two processes opening a new file do not both migrate it.
-  for (const auto& m : migrations) {
-    if (auto r = detail::exec(label, path, db, "BEGIN IMMEDIATE"); !r) {
-      auto e = std::move(r).err();
-      e.message += locked_hint(sqlite3_extended_errcode(db));
-      return e;
-    }
-    auto rollback_on_error = [&](error e) -> expected<std::unique_ptr<message_store>> {
-      sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr);
-      return e;
-    };
-    auto current = detail::query_int(label, path, db, "PRAGMA user_version");
-    if (!current)
-      return rollback_on_error(std::move(current).err());
-    if (*current < m.version) {
-      if (auto r = detail::exec(label, path, db, m.sql,
-                                "migration to schema version " + std::to_string(m.version));
-          !r)
-        return rollback_on_error(std::move(r).err());
-      const std::string bump = "PRAGMA user_version = " + std::to_string(m.version) +
-                               "; PRAGMA application_id = " + std::to_string(application_id);
-      if (auto r = detail::exec(label, path, db, bump.c_str()); !r)
-        return rollback_on_error(std::move(r).err());
-    }
-    if (auto r = detail::exec(label, path, db, "COMMIT"); !r)
-      return rollback_on_error(std::move(r).err());
-  }
+  detail::database_spec spec;
+  spec.label = label;
+  spec.application_id = application_id;
+  spec.schema_version = current_schema_version;
+  spec.busy_timeout_ms = busy_timeout_ms;
+  spec.quick_check = options.verify_on_open;
+  spec.busy_hint = " (is another canopy node using this file?)";
+  spec.pragmas = pragmas.c_str();
+  spec.migrations = migrations;
+  auto db = detail::open_database(spec, path);
+  if (!db)
+    return std::move(db).err();
+  p->db = std::move(*db);
 
   if (auto r = p->load(); !r)
     return std::move(r).err();
@@ -658,7 +533,7 @@ expected<std::unique_ptr<message_store>> message_store::open_file(
     // SQLite keeps the current page count if the limit is below it.
     const std::string limit = "PRAGMA max_page_count = " + std::to_string(std::max<std::int64_t>(
                                                              1, options.max_bytes / p->page_size));
-    if (auto r = detail::query_int(label, path, db, limit.c_str()); !r)
+    if (auto r = detail::query_int(label, path, p->db.get(), limit.c_str()); !r)
       return std::move(r).err();
   }
 
@@ -890,34 +765,13 @@ expected<append_result> message_store::append(std::span<const append_entry> batc
   for (const auto& u : touched) {
     const impl::lane_state& l = m.lanes.at(u.key);
     rows += l.length - (u.created ? 0 : u.before.length);
-    sqlite3_stmt* s = m.upsert_lane.get();
-    statement_use use(s);
-    binder b(s);
-    b.i64(l.endpoint_id).i64(l.priority).i64(l.last_seq);
-    if (b.rc() != SQLITE_OK)
-      return fail(m.stmt_error(s, b.rc()), b.rc());
-    const int rc = sqlite3_step(s);
-    if (rc != SQLITE_DONE)
-      return fail(m.stmt_error(s, rc), rc);
+    if (auto r = m.run(m.upsert_lane, {l.endpoint_id, l.priority, l.last_seq}, &failed_rc); !r)
+      return fail(std::move(r).err(), failed_rc);
   }
-  {
-    sqlite3_stmt* s = m.set_last_id.get();
-    statement_use use(s);
-    binder b(s);
-    b.i64(m.last_id);
-    if (b.rc() != SQLITE_OK)
-      return fail(m.stmt_error(s, b.rc()), b.rc());
-    const int rc = sqlite3_step(s);
-    if (rc != SQLITE_DONE)
-      return fail(m.stmt_error(s, rc), rc);
-  }
-  {
-    sqlite3_stmt* s = m.commit.get();
-    statement_use use(s);
-    const int rc = sqlite3_step(s);
-    if (rc != SQLITE_DONE)
-      return fail(m.stmt_error(s, rc), rc);
-  }
+  if (auto r = m.run(m.set_last_id, {m.last_id}, &failed_rc); !r)
+    return fail(std::move(r).err(), failed_rc);
+  if (auto r = m.run(m.commit, {}, &failed_rc); !r)
+    return fail(std::move(r).err(), failed_rc);
 
   result.last_id = m.last_id;
   m.counters.appended += static_cast<std::int64_t>(batch.size());
@@ -1056,27 +910,12 @@ expected<void> message_store::ack_many(std::span<const lane_ack> acks) {
     return e;
   };
   for (auto& st : steps) {
-    sqlite3_stmt* s = m.delete_upto.get();
-    binder b(s);
-    b.i64(st.lane->endpoint_id).i64(st.lane->priority).i64(st.seq);
-    if (b.rc() != SQLITE_OK) {
-      error e = m.stmt_error(s, b.rc());
-      sqlite3_clear_bindings(s);
-      return fail(std::move(e));
-    }
-    auto n = m.delete_rows(s);
+    auto n = m.delete_rows(m.delete_upto, *st.lane, st.seq);
     if (!n)
       return fail(std::move(n).err());
     st.deleted = *n;
-    sqlite3_stmt* c = m.set_checkpoint.get();
-    statement_use use(c);
-    binder bc(c);
-    bc.i64(st.lane->endpoint_id).i64(st.lane->priority).i64(st.seq);
-    if (bc.rc() != SQLITE_OK)
-      return fail(m.stmt_error(c, bc.rc()));
-    const int rc = sqlite3_step(c);
-    if (rc != SQLITE_DONE)
-      return fail(m.stmt_error(c, rc));
+    if (auto r = m.run(m.set_checkpoint, {st.lane->endpoint_id, st.lane->priority, st.seq}); !r)
+      return fail(std::move(r).err());
   }
   if (auto r = m.commit_tx(); !r)
     return fail(std::move(r).err());
@@ -1173,18 +1012,10 @@ std::vector<lane_status> message_store::lanes() const {
 
 expected<store_size> message_store::size() {
   impl& m = *impl_;
-  auto one = [&](detail::sql_statement& st) -> expected<std::int64_t> {
-    sqlite3_stmt* s = st.get();
-    statement_use use(s);
-    const int rc = sqlite3_step(s);
-    if (rc != SQLITE_ROW)
-      return m.stmt_error(s, rc);
-    return static_cast<std::int64_t>(sqlite3_column_int64(s, 0));
-  };
-  auto pages = one(m.page_count);
+  auto pages = detail::step_int(label, m.path, m.db.get(), m.page_count.get());
   if (!pages)
     return std::move(pages).err();
-  auto free_pages = one(m.freelist_count);
+  auto free_pages = detail::step_int(label, m.path, m.db.get(), m.freelist_count.get());
   if (!free_pages)
     return std::move(free_pages).err();
   store_size out;

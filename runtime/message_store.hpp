@@ -49,6 +49,7 @@
 
 #include "runtime/clock.hpp"
 #include "runtime/expected.hpp"
+#include "runtime/route.hpp"  // message_source
 
 #include <canopy/message.hpp>
 
@@ -61,14 +62,6 @@
 #include <vector>
 
 namespace canopy {
-
-/// Where a message came from; stored with the message. Borrowed views: they
-/// must stay valid during the append() call that takes them.
-struct message_source {
-  std::string_view module;  ///< sending module ("" for a leaf device or a child link)
-  std::string_view output;  ///< its output name
-  std::string_view device;  ///< sending device id ("" for this node's own modules)
-};
 
 /// One destination of a message: a lane (endpoint, priority) and a time-to-live.
 struct route_target {

@@ -1,9 +1,11 @@
-// Small helpers over SQLite's C API shared by the stores (runtime/message_store;
-// runtime/store.cpp keeps equivalent private copies for now). Internal to
-// runtime/: nothing here is part of any public API.
+// Small helpers over SQLite's C API shared by the stores (runtime/store.cpp's
+// node_store and runtime/message_store.cpp): statements, errors, and opening,
+// checking and migrating a store's file. Internal to runtime/: nothing here is
+// part of any public API.
 //
-// Every helper reports a failure as errc::store_error whose message names the
-// store, the file, the statement and sqlite3_errmsg(); nothing throws.
+// Every helper reports a failure as an error whose message starts with the
+// store's label ("store", "message store") and names the file, the statement
+// and sqlite3_errmsg(); nothing throws.
 #pragma once
 
 #include "runtime/expected.hpp"
@@ -12,6 +14,8 @@
 #include <sqlite3.h>
 
 #include <cstdint>
+#include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -157,5 +161,77 @@ inline int query_text_rows(sqlite3* db, const char* sql, std::vector<std::string
   }
   return rc == SQLITE_DONE ? SQLITE_OK : rc;
 }
+
+/// Runs a prepared statement that returns a row and gives its first column as
+/// an integer (a count, a PRAGMA); the statement is reset afterwards.
+inline expected<std::int64_t> step_int(std::string_view label, const std::string& path, sqlite3* db,
+                                       sqlite3_stmt* s) {
+  statement_use use(s);
+  const int rc = sqlite3_step(s);
+  if (rc != SQLITE_ROW)
+    return stmt_error(label, path, db, s, rc);
+  return static_cast<std::int64_t>(sqlite3_column_int64(s, 0));
+}
+
+/// A statement to prepare once and keep for the connection's lifetime.
+struct statement_slot {
+  sql_statement* stmt;  ///< where the prepared statement goes (borrowed)
+  const char* sql;      ///< its SQL text
+};
+
+/// Prepares every slot's statement (SQLITE_PREPARE_PERSISTENT), in order;
+/// stops at the first that fails (sql_error naming its SQL).
+expected<void> prepare_statements(std::string_view label, const std::string& path, sqlite3* db,
+                                  std::span<const statement_slot> slots);
+
+/// One step of a store's schema. Append-only: a released step is never edited;
+/// a change of schema is a new step with the next version.
+struct migration {
+  int version;      ///< PRAGMA user_version once this step has run
+  const char* sql;  ///< the step's statements
+};
+
+/// What a store's file must be, and how the store names itself in errors.
+struct database_spec {
+  /// Starts every error message: "store", "message store".
+  std::string_view label;
+  /// PRAGMA application_id stamped in the files this store creates; a file
+  /// with another non-zero id is refused.
+  int application_id = 0;
+  /// The schema the migrations lead to (a newer file is refused).
+  int schema_version = 0;
+  /// PRAGMA busy_timeout of the connection.
+  int busy_timeout_ms = 0;
+  /// Run PRAGMA quick_check (one full read of the file) on open.
+  bool quick_check = true;
+  /// Appended to the message when PRAGMA quick_check, the switch to WAL or a
+  /// migration's BEGIN IMMEDIATE fails with SQLITE_BUSY (another connection
+  /// holds the lock); empty = nothing.
+  std::string_view busy_hint;
+  /// Run after WAL is on and before the migrations (synchronous, cache size,
+  /// ...); borrowed for the open_database() call.
+  const char* pragmas = "";
+  /// The schema's steps, oldest first; the last one's version is schema_version.
+  std::span<const migration> migrations;
+};
+
+/// Creates `data_dir` (and its parents) if needed and returns the path of
+/// `file_name` in it. invalid_argument if `data_dir` is empty; io_error if it
+/// cannot be created or is not a directory.
+expected<std::string> file_in_data_dir(std::string_view label, const std::string& data_dir,
+                                       std::string_view file_name);
+
+/// Opens (creating if needed) the store's file at `path` for reading and
+/// writing, and checks it before any change: writable, a sound SQLite database
+/// (PRAGMA quick_check, if asked), ours (application_id), not newer than this
+/// build (user_version), and empty if it has neither id nor version. Then turns
+/// on WAL, runs spec.pragmas and migrates the schema to spec.schema_version, one
+/// step per transaction (BEGIN IMMEDIATE takes the write lock before reading
+/// user_version, so two processes opening a new file do not both migrate it).
+/// store_error if the file cannot be opened, written or checked, or is corrupt;
+/// incompatible if it belongs to another application or a newer schema. Never
+/// falls back to an in-memory database.
+expected<std::unique_ptr<sqlite3, sqlite_closer>> open_database(const database_spec& spec,
+                                                                const std::string& path);
 
 }  // namespace canopy::detail

@@ -197,6 +197,8 @@ class node_store {
  private:
   expected<void> prepare_statements();
   std::int64_t wall_ms() const;
+  /// The store_error for statement `s` failing with `rc`, naming this file.
+  error stmt_error(sqlite3_stmt* s, int rc) const;
 
   std::string path_;
   const clock* wall_clock_;

@@ -1,6 +1,7 @@
 #include "runtime/message_store.hpp"
 
 #include "runtime/store.hpp"
+#include "temp_dir.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -26,22 +27,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-/// A fresh directory under /tmp, removed (with its contents) at scope end.
-struct temp_dir {
-  temp_dir() {
-    char tmpl[] = "/tmp/canopy-msgstore-test-XXXXXX";
-    const char* p = ::mkdtemp(tmpl);
-    REQUIRE(p != nullptr);
-    path = p;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  std::string path;
-};
+using canopy::unit_test::temp_dir;
 
 std::unique_ptr<message_store> open_ok(const std::string& dir, message_store_options opts = {}) {
   auto s = message_store::open(dir, opts);
@@ -70,7 +56,7 @@ test_batch entries(std::size_t n, std::vector<route_target> targets,
   out.targets = std::move(targets);
   for (std::size_t i = 0; i < n; ++i)
     out.items.push_back({make_message(prefix + std::to_string(first + i)),
-                         {"sensor", "temp", ""},
+                         {"", "sensor", "temp"},  // device, module, output
                          std::span<const route_target>(out.targets)});
   return out;
 }
@@ -661,7 +647,7 @@ struct report {
     std::vector<append_entry> es;
     for (int i = 0; i < 50; ++i, ++n)
       es.push_back({make_message("msg-" + std::to_string(n + 1)),
-                    {"child", "out", ""},
+                    {"", "child", "out"},
                     std::span<const route_target>(targets)});
     auto r = (*s)->append(es);
     if (!r)

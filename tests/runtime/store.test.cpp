@@ -1,5 +1,7 @@
 #include "runtime/store.hpp"
 
+#include "temp_dir.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <canopy/message.hpp>
@@ -20,21 +22,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-/// A fresh directory under /tmp, removed (with its contents) at scope end.
-struct temp_dir {
-  temp_dir() {
-    char tmpl[] = "/tmp/canopy-store-test-XXXXXX";
-    const char* p = ::mkdtemp(tmpl);
-    REQUIRE(p != nullptr);
-    path = p;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::permissions(path, fs::perms::owner_all, fs::perm_options::add, ec);
-    fs::remove_all(path, ec);
-  }
-  std::string path;
-};
+using canopy::unit_test::temp_dir;
 
 std::unique_ptr<node_store> open_ok(const std::string& dir, const canopy::clock* clk = nullptr) {
   auto s = node_store::open(dir, clk);

@@ -2,11 +2,11 @@
 
 #include "runtime/atoms.hpp"
 #include "runtime/router.hpp"
+#include "temp_dir.hpp"
 
 #include <caf/all.hpp>
 #include <catch2/catch.hpp>
 
-#include <filesystem>
 #include <mutex>
 #include <thread>
 
@@ -16,15 +16,14 @@ using namespace std::chrono_literals;
 namespace {
 
 struct fixture {
-  std::string dir;
+  // Declared first: removed last, once the actor system is gone.
+  canopy::unit_test::temp_dir dir;
   caf::actor_system_config cfg;
   std::unique_ptr<caf::actor_system> sys;
   std::unique_ptr<caf::scoped_actor> self;
   manual_clock clk;
 
   fixture() {
-    char tmpl[] = "/tmp/canopy-store-actor-XXXXXX";
-    dir = ::mkdtemp(tmpl);
     cfg.set("logger.verbosity", caf::atom("quiet"));
     sys = std::make_unique<caf::actor_system>(cfg);
     self = std::make_unique<caf::scoped_actor>(*sys);
@@ -32,11 +31,10 @@ struct fixture {
   ~fixture() {
     self.reset();
     sys.reset();
-    std::filesystem::remove_all(dir);
   }
 
   std::shared_ptr<node_store> open() {
-    auto s = node_store::open(dir, &clk);
+    auto s = node_store::open(dir.path, &clk);
     REQUIRE(s.ok());
     return std::shared_ptr<node_store>{std::move(*s)};
   }
