@@ -317,20 +317,9 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
     hp->set(&node_handles::agent, a);
     return a;
   };
-  root_cfg.children = {store_child, router_child, agent_child, modules_child};
-  n.root = spawn_supervisor(*n.sys, std::move(root_cfg));
-  // If the root itself gives up (its restart intensity exceeded), the process
-  // must end so that the service manager restarts it: a node with no actors
-  // must not look alive.
-  auto failed = n.failed;
-  n.root->attach_functor([failed](const caf::error& reason) {
-    if (!reason || reason == caf::exit_reason::normal || reason == caf::exit_reason::user_shutdown)
-      return;
-    failed->store(true);
-    spdlog::critical("the node's root supervisor gave up; stopping the process");
-    ::kill(::getpid(), SIGTERM);
-  });
-  // 5. The control socket on the I/O thread.
+  // 5. The control socket on the I/O thread, before the tree runs: if it
+  //    cannot be served (e.g. another node serves it), nothing has started.
+  //    Requests in the moment before the tree is up get "try again".
   n.control = std::make_unique<node_control_impl>(
     *n.sys, [hp] { return hp->get(&node_handles::agent); },
     [hp] { return hp->get(&node_handles::store); }, *n.logs, *n.loader);
@@ -345,6 +334,20 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
     }
     spdlog::info("control socket: {}", n.opts.socket_path);
   }
+  // 6. The tree.
+  root_cfg.children = {store_child, router_child, agent_child, modules_child};
+  n.root = spawn_supervisor(*n.sys, std::move(root_cfg));
+  // If the root itself gives up (its restart intensity exceeded), the process
+  // must end so that the service manager restarts it: a node with no actors
+  // must not look alive.
+  auto failed = n.failed;
+  n.root->attach_functor([failed](const caf::error& reason) {
+    if (!reason || reason == caf::exit_reason::normal || reason == caf::exit_reason::user_shutdown)
+      return;
+    failed->store(true);
+    spdlog::critical("the node's root supervisor gave up; stopping the process");
+    ::kill(::getpid(), SIGTERM);
+  });
   spdlog::info("node '{}' started (data dir {})", n.opts.device_id, n.opts.data_dir);
   return std::unique_ptr<node>{new node(std::move(p))};
 }
