@@ -1,5 +1,6 @@
 #include "actors/module_host.hpp"
 
+#include "actor_fixture.hpp"
 #include "runtime/atoms.hpp"
 #include "runtime/router.hpp"
 
@@ -70,21 +71,12 @@ const canopy_module_descriptor* test_descriptor() {
   return &d;
 }
 
-struct fixture {
-  caf::actor_system_config cfg;
-  std::unique_ptr<caf::actor_system> sys;
-  std::unique_ptr<caf::scoped_actor> self;
+struct fixture : canopy::unit_test::actor_fixture {
   probe p;
 
-  fixture() {
-    cfg.set("logger.verbosity", caf::atom("quiet"));
-    sys = std::make_unique<caf::actor_system>(cfg);
-    self = std::make_unique<caf::scoped_actor>(*sys);
-    current = &p;
-  }
+  fixture() { current = &p; }
   ~fixture() {
-    self.reset();
-    sys.reset();
+    shutdown();  // the modules go before the probe they write to
     current = nullptr;
   }
 

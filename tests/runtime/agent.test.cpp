@@ -1,5 +1,6 @@
 #include "runtime/agent.hpp"
 
+#include "actor_fixture.hpp"
 #include "runtime/atoms.hpp"
 #include "runtime/router.hpp"
 
@@ -71,25 +72,16 @@ deployment three_modules() {
   return d;
 }
 
-struct fixture {
-  caf::actor_system_config cfg;
-  std::unique_ptr<caf::actor_system> sys;
-  std::unique_ptr<caf::scoped_actor> self;
+struct fixture : canopy::unit_test::actor_fixture {
   manual_clock clk;
   registry reg;
   caf::actor modules, agent;
   bool fail_make_child = false;
 
-  fixture() {
-    cfg.set("logger.verbosity", caf::atom("quiet"));
-    sys = std::make_unique<caf::actor_system>(cfg);
-    self = std::make_unique<caf::scoped_actor>(*sys);
-  }
   ~fixture() {
     caf::anon_send_exit(agent, caf::exit_reason::user_shutdown);
     caf::anon_send_exit(modules, caf::exit_reason::user_shutdown);
-    self.reset();
-    sys.reset();
+    shutdown();  // the actors go before the clock and the registry
   }
 
   void start(std::optional<deployment> initial = std::nullopt) {

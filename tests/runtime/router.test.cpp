@@ -1,5 +1,6 @@
 #include "runtime/router.hpp"
 
+#include "actor_fixture.hpp"
 #include "runtime/atoms.hpp"
 
 #include <caf/all.hpp>
@@ -13,20 +14,7 @@ using namespace std::chrono_literals;
 
 namespace {
 
-struct fixture {
-  caf::actor_system_config cfg;
-  std::unique_ptr<caf::actor_system> sys;
-  std::unique_ptr<caf::scoped_actor> self;
-
-  fixture() {
-    cfg.set("logger.verbosity", caf::atom("quiet"));
-    sys = std::make_unique<caf::actor_system>(cfg);
-    self = std::make_unique<caf::scoped_actor>(*sys);
-  }
-  ~fixture() {
-    self.reset();
-    sys.reset();
-  }
+struct fixture : canopy::unit_test::actor_fixture {
 
   caf::actor router(std::size_t max_waiting = 100000) {
     router_config rc;

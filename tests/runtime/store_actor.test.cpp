@@ -1,5 +1,6 @@
 #include "runtime/store_actor.hpp"
 
+#include "actor_fixture.hpp"
 #include "runtime/atoms.hpp"
 #include "runtime/router.hpp"
 #include "temp_dir.hpp"
@@ -15,23 +16,11 @@ using namespace std::chrono_literals;
 
 namespace {
 
-struct fixture {
-  // Declared first: removed last, once the actor system is gone.
+struct fixture : canopy::unit_test::actor_fixture {
   canopy::unit_test::temp_dir dir;
-  caf::actor_system_config cfg;
-  std::unique_ptr<caf::actor_system> sys;
-  std::unique_ptr<caf::scoped_actor> self;
   manual_clock clk;
 
-  fixture() {
-    cfg.set("logger.verbosity", caf::atom("quiet"));
-    sys = std::make_unique<caf::actor_system>(cfg);
-    self = std::make_unique<caf::scoped_actor>(*sys);
-  }
-  ~fixture() {
-    self.reset();
-    sys.reset();
-  }
+  ~fixture() { shutdown(); }  // the actors go before the dir and the clock
 
   std::shared_ptr<node_store> open() {
     auto s = node_store::open(dir.path, &clk);
