@@ -5,6 +5,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "sqlite_inspect.hpp"
+
 #include <sqlite3.h>
 #include <canopy/message.hpp>
 
@@ -82,34 +84,8 @@ void ack_ok(message_store& s, std::string_view ep, int prio, std::int64_t seq) {
   REQUIRE(r.ok());
 }
 
-/// Runs one query through a separate read-only connection (to inspect the file).
-std::int64_t query_int(const std::string& db_path, const std::string& sql) {
-  sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open_v2(db_path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
-  sqlite3_stmt* s = nullptr;
-  REQUIRE(sqlite3_prepare_v2(db, sql.c_str(), -1, &s, nullptr) == SQLITE_OK);
-  std::int64_t out = -1;
-  if (sqlite3_step(s) == SQLITE_ROW)
-    out = sqlite3_column_int64(s, 0);
-  sqlite3_finalize(s);
-  sqlite3_close(db);
-  return out;
-}
-
-std::string query_text(const std::string& db_path, const std::string& sql) {
-  sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open_v2(db_path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
-  sqlite3_stmt* s = nullptr;
-  REQUIRE(sqlite3_prepare_v2(db, sql.c_str(), -1, &s, nullptr) == SQLITE_OK);
-  std::string out;
-  if (sqlite3_step(s) == SQLITE_ROW) {
-    const auto* t = sqlite3_column_text(s, 0);
-    out = t ? reinterpret_cast<const char*>(t) : "";
-  }
-  sqlite3_finalize(s);
-  sqlite3_close(db);
-  return out;
-}
+using canopy::unit_test::query_int;
+using canopy::unit_test::query_text;
 
 const route_target to_a{"/modules/a/inputs/in", 0, 0ms};
 

@@ -4,6 +4,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "sqlite_inspect.hpp"
+
 #include <canopy/message.hpp>
 #include <sqlite3.h>
 
@@ -36,20 +38,7 @@ message make_message(const std::string& body, const std::string& id) {
 }
 
 /// Runs one SQL text through a separate connection (to inspect the file).
-std::string query_one(const std::string& db_path, const std::string& sql) {
-  sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open_v2(db_path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
-  sqlite3_stmt* s = nullptr;
-  REQUIRE(sqlite3_prepare_v2(db, sql.c_str(), -1, &s, nullptr) == SQLITE_OK);
-  std::string out;
-  if (sqlite3_step(s) == SQLITE_ROW) {
-    const auto* t = sqlite3_column_text(s, 0);
-    out = t ? reinterpret_cast<const char*>(t) : "";
-  }
-  sqlite3_finalize(s);
-  sqlite3_close(db);
-  return out;
-}
+const auto& query_one = canopy::unit_test::query_text;
 
 }  // namespace
 
