@@ -31,6 +31,10 @@ struct host_state {
   std::map<timer_handle, host_timer> timers;
   timer_handle next_timer = 1;
   bool started = false;
+  std::uint64_t processed_token = 0;  ///< last input whose on_message returned
+  std::uint64_t acked_token = 0;      ///< last one acknowledged to the router
+  std::size_t unacked = 0;            ///< inputs processed since the last acknowledgement
+  bool ack_scheduled = false;
   static inline const char* name = "canopy.module";
 };
 
@@ -107,6 +111,20 @@ class host_context final : public module_context {
   host_actor* self_;
 };
 
+/// Tells the router every input up to processed_token was handled.
+void send_ack(host_actor* self) {
+  auto& st = self->state;
+  if (st.processed_token > st.acked_token && st.cfg.router) {
+    self->send(st.cfg.router, atoms::delivered::value, st.cfg.name, st.processed_token);
+    st.acked_token = st.processed_token;
+  }
+  st.unacked = 0;
+}
+
+/// Acknowledgements are batched: one when the inputs queued so far are done
+/// (a message to self queues behind them), or every ack_every inputs.
+constexpr std::size_t ack_every = 64;
+
 caf::behavior module_host_impl(host_actor* self, module_host_config cfg) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
@@ -115,6 +133,8 @@ caf::behavior module_host_impl(host_actor* self, module_host_config cfg) {
   self->set_exception_handler([self](caf::scheduled_actor*, std::exception_ptr& eptr) {
     auto text = crash_text("handler", eptr);
     self->state.cfg.logger->error("module crashed: {}", text);
+    // Inputs handled before the crash are done; the one that threw is not.
+    send_ack(self);
     return caf::make_error(caf::sec::runtime_error, text);
   });
   self->set_exit_handler([self](caf::exit_msg& em) {
@@ -126,6 +146,7 @@ caf::behavior module_host_impl(host_actor* self, module_host_config cfg) {
         st.cfg.logger->warn("stop() threw: {}", e.what());
       }
     }
+    send_ack(self);
     self->quit(em.reason);
   });
   try {
@@ -143,8 +164,20 @@ caf::behavior module_host_impl(host_actor* self, module_host_config cfg) {
   if (st.cfg.router)
     self->send(st.cfg.router, atoms::module_up::value, st.cfg.name, caf::actor{self});
   return {
-    [self](atoms::input, const std::string& input, const message& msg) {
-      self->state.instance->on_message(input, msg);
+    [self](atoms::input, const std::string& input, const message& msg, std::uint64_t token) {
+      auto& st = self->state;
+      st.instance->on_message(input, msg);
+      st.processed_token = token;
+      if (++st.unacked >= ack_every) {
+        send_ack(self);
+      } else if (!st.ack_scheduled) {
+        st.ack_scheduled = true;
+        self->send(self, atoms::delivered::value);
+      }
+    },
+    [self](atoms::delivered) {
+      self->state.ack_scheduled = false;
+      send_ack(self);
     },
     [self](atoms::method, const std::string& name,
            const std::string& payload) -> caf::result<int, std::string> {
@@ -193,7 +226,10 @@ caf::behavior module_host_impl(host_actor* self, module_host_config cfg) {
       if (auto sender = caf::actor_cast<caf::actor>(self->current_sender()))
         self->send(sender, atoms::health_pong::value, seq);
     },
-    [self](atoms::finish) { self->quit(caf::exit_reason::normal); },
+    [self](atoms::finish) {
+      send_ack(self);
+      self->quit(caf::exit_reason::normal);
+    },
   };
 }
 

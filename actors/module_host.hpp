@@ -2,7 +2,9 @@
 // .so or a builtin), under the modules supervisor.
 //
 // Protocol (atoms in runtime/atoms.hpp):
-//   (input, std::string input, message)             -> module::on_message
+//   (input, std::string input, message, uint64 token) -> module::on_message, then
+//                                                   (delivered, name, token) to the router
+//                                                   (batched, cumulative)
 //   (method, std::string name, std::string json)    -> (int status, std::string json)
 //   (desired, std::string json, bool complete)      -> module::on_desired_properties
 //   (health_ping, uint64 seq)                       -> sends (health_pong, seq) to the sender

@@ -9,6 +9,7 @@
 #include "runtime/atoms.hpp"
 #include "runtime/clock.hpp"
 #include "runtime/manifest.hpp"
+#include "runtime/message_store.hpp"
 #include "runtime/router.hpp"
 #include "runtime/store.hpp"
 #include "runtime/store_actor.hpp"
@@ -110,6 +111,7 @@ struct node::impl {
   std::unique_ptr<log_hub> logs;
   system_clock clk;
   std::shared_ptr<node_store> store;
+  std::shared_ptr<message_store> messages;
   std::unique_ptr<plugin_loader> loader;
   std::unique_ptr<caf::actor_system_config> cfg;
   std::unique_ptr<caf::actor_system> sys;
@@ -167,6 +169,14 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
   if (!store)
     return std::move(store).err();
   n.store = std::move(*store);
+  // The message queues, likewise: never a silent fall-back to memory.
+  message_store_options mso;
+  mso.max_bytes = n.opts.max_store_bytes;
+  mso.wall_clock = &n.clk;
+  auto messages = message_store::open(n.opts.data_dir, mso);
+  if (!messages)
+    return std::move(messages).err();
+  n.messages = std::move(*messages);
   // 3. Module loading and the deployment to run.
   n.loader = std::make_unique<plugin_loader>(make_builtin_catalog());
   for (auto& d : n.opts.module_path)
@@ -241,9 +251,11 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
   };
   child_spec router_child;
   router_child.id = "router";
-  router_child.start = [hp](caf::actor_system& sys) {
+  router_child.start = [hp, np](caf::actor_system& sys) {
     router_config rc;
     rc.upstream = hp->get(&node_handles::store);
+    rc.store = np->messages;
+    rc.clk = &np->clk;
     auto a = spawn_router(sys, rc);
     hp->set(&node_handles::router, a);
     return a;
@@ -322,7 +334,8 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
   //    Requests in the moment before the tree is up get "try again".
   n.control = std::make_unique<node_control_impl>(
     *n.sys, [hp] { return hp->get(&node_handles::agent); },
-    [hp] { return hp->get(&node_handles::store); }, *n.logs, *n.loader);
+    [hp] { return hp->get(&node_handles::store); },
+    [hp] { return hp->get(&node_handles::router); }, *n.logs, *n.loader);
   if (!n.opts.socket_path.empty()) {
     n.io = std::make_unique<io_thread>();
     if (auto r = n.io->start(); !r)

@@ -4,7 +4,7 @@
 //
 // The tree:   root (rest_for_one)
 //             ├── store    — SQLite (runtime/store_actor)
-//             ├── router   — routes between modules and to $upstream
+//             ├── router   — routes, keeps messages in data_dir/messages.db, delivers
 //             ├── agent    — reconciles the deployment, keeps module state
 //             └── modules  (one_for_one; each module with its own restart budget)
 // Rest-for-one keeps handles fresh: a restarted router restarts the agent and the
@@ -29,6 +29,9 @@ struct node_options {
   log_options log;
   std::vector<std::string> module_path;  ///< extra directories for relative module libraries
   std::size_t worker_threads = 0;        ///< 0 = CAF's default
+  /// Size limit of the message store (data_dir/messages.db) in bytes; 0 = none.
+  /// At the limit the node refuses new messages ("store full") and counts them.
+  std::int64_t max_store_bytes = 0;
 };
 
 /// A running node.

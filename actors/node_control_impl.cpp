@@ -5,6 +5,7 @@
 #include "runtime/atoms.hpp"
 #include "runtime/log.hpp"
 #include "runtime/manifest.hpp"
+#include "runtime/router.hpp"
 #include "runtime/store_actor.hpp"
 
 #include <caf/all.hpp>
@@ -24,14 +25,40 @@ namespace {
 
 constexpr auto control_timeout = std::chrono::seconds{30};
 
-error from_caf(const caf::error& err) {
-  // Our actors put the human message in the error's context.
-  auto text = caf::to_string(err);
+/// The human text of an error: our actors put it in the error's context.
+std::string error_text(const caf::error& err) {
   if (err.context().match_elements<std::string>())
-    text = err.context().get_as<std::string>(0);
+    return err.context().get_as<std::string>(0);
+  return caf::to_string(err);
+}
+
+error from_caf(const caf::error& err) {
   if (err == caf::sec::request_timeout)
     return make_error(errc::timeout, "the node did not answer in time");
-  return make_error(errc::failed, text);
+  return make_error(errc::failed, error_text(err));
+}
+
+/// The router's answers to inject: a refusal because the store is full is
+/// overload (back off and retry), not a failure of the message.
+error from_router(const caf::error& err) {
+  if (err == caf::sec::request_timeout)
+    return make_error(errc::timeout, "the router did not answer in time");
+  auto text = error_text(err);
+  if (text.rfind("store full: ", 0) == 0)
+    return make_error(errc::unavailable, std::move(text));
+  return make_error(errc::failed, std::move(text));
+}
+
+/// Calls `done(err)` on a worker thread: node_control never answers inside the call.
+template <class T>
+void fail_later(caf::actor_system& sys, reply_fn<T> done, error err) {
+  sys.spawn([done = std::move(done), err = std::move(err)](int) mutable { done(std::move(err)); },
+            0);
+}
+
+/// What metrics and send answer before the router exists.
+error router_missing() {
+  return make_error(errc::unavailable, "node is starting, try again");
 }
 
 /// Sends `msg...` to `target` from a short-lived actor and hands the answer to
@@ -55,9 +82,15 @@ void ask(caf::actor_system& sys, caf::actor target, caf::duration timeout, OnOk 
 }  // namespace
 
 node_control_impl::node_control_impl(caf::actor_system& sys, std::function<caf::actor()> agent,
-                                     std::function<caf::actor()> store, log_hub& logs,
+                                     std::function<caf::actor()> store,
+                                     std::function<caf::actor()> router, log_hub& logs,
                                      plugin_loader& loader)
-  : sys_(sys), agent_(std::move(agent)), store_(std::move(store)), logs_(logs), loader_(loader) {}
+  : sys_(sys),
+    agent_(std::move(agent)),
+    store_(std::move(store)),
+    router_(std::move(router)),
+    logs_(logs),
+    loader_(loader) {}
 
 node_control_impl::~node_control_impl() {
   std::map<subscription_id, std::shared_ptr<subscription>> subs;
@@ -187,6 +220,35 @@ void node_control_impl::unsubscribe(subscription_id id) {
     logs_.unfollow(sub->log_follow_id);
   else if (auto store = store_())
     caf::anon_send(store, atoms::unsubscribe::value, std::uint64_t{id});
+}
+
+void node_control_impl::metrics(reply_fn<node_metrics> done) {
+  auto router = router_();
+  if (!router) {
+    fail_later(sys_, std::move(done), router_missing());
+    return;
+  }
+  ask(sys_, std::move(router), caf::duration{control_timeout},
+      [done](node_metrics& m) { done(std::move(m)); }, [done](error err) { done(std::move(err)); },
+      atoms::stats::value);
+}
+
+void node_control_impl::send(std::string device, std::string module, std::string output,
+                             message msg, reply_fn<std::uint64_t> done) {
+  auto router = router_();
+  if (!router) {
+    fail_later(sys_, std::move(done), router_missing());
+    return;
+  }
+  routed_message rm{std::move(msg), std::move(device), std::move(module), std::move(output)};
+  // Not ask(): a refusal of the router is classified by from_router().
+  sys_.spawn(
+    [done, router, rm](caf::event_based_actor* self, int) {
+      self->request(router, caf::duration{control_timeout}, atoms::inject::value, rm)
+        .then([done](std::uint64_t targets) { done(targets); },
+              [done](caf::error& err) { done(from_router(err)); });
+    },
+    0);
 }
 
 }  // namespace canopy

@@ -1,6 +1,7 @@
 // node_control (gateway/node_control.hpp) on the actor side: turns each call from
-// the control socket into a request to the agent or the store actor, and the
-// answer into the caller's callback. Nothing here blocks the calling thread.
+// the control socket into a request to the agent, the store actor or the
+// router, and the answer into the caller's callback. Nothing here blocks the
+// calling thread.
 #pragma once
 
 #include "gateway/node_control.hpp"
@@ -21,10 +22,12 @@ class plugin_loader;
 
 class node_control_impl final : public node_control {
  public:
-  /// `agent` and `store` return the current handles (they change when a
-  /// supervisor restarts them). All references are borrowed.
+  /// `agent`, `store` and `router` return the current handles (they change
+  /// when a supervisor restarts them; invalid while the node starts). All
+  /// references are borrowed.
   node_control_impl(caf::actor_system& sys, std::function<caf::actor()> agent,
-                    std::function<caf::actor()> store, log_hub& logs, plugin_loader& loader);
+                    std::function<caf::actor()> store, std::function<caf::actor()> router,
+                    log_hub& logs, plugin_loader& loader);
   ~node_control_impl() override;
 
   void list(reply_fn<std::vector<module_row>> done) override;
@@ -39,6 +42,9 @@ class node_control_impl final : public node_control {
   expected<subscription_id> monitor(std::int64_t after_seq, std::size_t backlog,
                                     std::function<void(upstream_record)> on_record) override;
   void unsubscribe(subscription_id id) override;
+  void metrics(reply_fn<node_metrics> done) override;
+  void send(std::string device, std::string module, std::string output, message msg,
+            reply_fn<std::uint64_t> done) override;
 
  private:
   struct subscription;
@@ -46,6 +52,7 @@ class node_control_impl final : public node_control {
   caf::actor_system& sys_;
   std::function<caf::actor()> agent_;
   std::function<caf::actor()> store_;
+  std::function<caf::actor()> router_;
   log_hub& logs_;
   plugin_loader& loader_;
   std::atomic<subscription_id> next_id_{1};

@@ -4,6 +4,8 @@
 // expected<T> is moved through a kj::Promise (ExceptionOr<expected<T>>).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "gateway/io_thread.hpp"
+
 #include <control.capnp.h>
 
 #include <capnp/rpc-twoparty.h>
@@ -11,10 +13,15 @@
 #include <kj/async-unix.h>
 #include <kj/debug.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <exception>
+#include <mutex>
 #include <optional>
+#include <string_view>
 
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -159,7 +166,93 @@ class message_sink final : public schema::MessageSink::Server {
   std::shared_ptr<stream_state> state_;
 };
 
+/// Fills a send call's parameters.
+void fill_send(schema::Control::SendParams::Builder req, const std::string& device, const std::string& module,
+               const std::string& output, const message& msg) {
+  req.setDevice(device);
+  req.setModule(module);
+  req.setOutput(output);
+  auto bytes = msg.encoded();
+  req.setMessage(kj::arrayPtr(reinterpret_cast<const kj::byte*>(bytes.data()), bytes.size()));
+}
+
+/// The answer of a send call.
+template <class Response>
+expected<std::uint64_t> send_answer(Response&& response) {
+  if (auto err = status_error(response.getStatus())) return *err;
+  return response.getTargets();
+}
+
 }  // namespace
+
+// --- send_feed ------------------------------------------------------------------
+
+struct send_feed::state {
+  explicit state(std::size_t w) : window(std::max<std::size_t>(1, w)) {}
+
+  /// Any thread: `n` messages were reported (or dropped): room for as many more.
+  void release(std::size_t n) {
+    if (n == 0) return;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      outstanding -= n;
+    }
+    cv.notify_all();
+  }
+
+  /// The stream ended: refuse and wake every producer.
+  void end() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      ended = true;
+    }
+    cv.notify_all();
+    queue.close();
+  }
+
+  std::mutex mutex;
+  std::condition_variable cv;
+  const std::size_t window;
+  std::size_t outstanding = 0;  ///< pushed and not yet reported
+  bool closed = false;
+  bool ended = false;
+  cross_thread_queue<send_request> queue;  ///< never over `window` items: unbounded is fine
+};
+
+send_feed::send_feed(std::size_t window) : state_(std::make_shared<state>(window)) {}
+
+send_feed::~send_feed() = default;
+
+bool send_feed::push(send_request req) {
+  auto& s = *state_;
+  {
+    std::unique_lock<std::mutex> lock(s.mutex);
+    s.cv.wait(lock, [&s] { return s.closed || s.ended || s.outstanding < s.window; });
+    if (s.closed || s.ended) return false;
+    ++s.outstanding;
+  }
+  if (!s.queue.push(std::move(req))) {  // closed meanwhile by another thread
+    s.release(1);
+    return false;
+  }
+  return true;
+}
+
+void send_feed::close() {
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->closed = true;
+  }
+  state_->cv.notify_all();
+  state_->queue.close();
+}
+
+bool send_feed::ended() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->ended;
+}
+
+// --- control_client -------------------------------------------------------------
 
 struct control_client::impl {
   explicit impl(std::string p, kj::AsyncIoContext ctx) : path(std::move(p)), io(kj::mv(ctx)) {}
@@ -172,6 +265,8 @@ struct control_client::impl {
   std::vector<int> signals;
   bool interrupted = false;
   std::chrono::milliseconds call_timeout{60000};
+
+  struct send_run;
 
   /// Waits for `call`, bounded by `timeout` (0 = none) and the captured signals.
   /// `on_limit` / `on_interrupt` are what the wait yields in those cases.
@@ -384,6 +479,177 @@ expected<std::size_t> control_client::monitor(std::int64_t after_seq, std::size_
   req.setSink(kj::heap<message_sink>(state));
   kj::Promise<expected<void>> answered = req.send().then([](auto&& r) { return stream_answer(r); });
   return impl_->run_stream(kj::mv(answered), state, options);
+}
+
+expected<node_metrics> control_client::metrics() {
+  auto call = impl_->control.metricsRequest().send().then([](auto&& r) -> expected<node_metrics> {
+    if (auto err = status_error(r.getStatus())) return *err;
+    auto m = r.getMetrics();
+    node_metrics out;
+    out.received = m.getReceived();
+    out.sent = m.getSent();
+    out.dropped_no_route = m.getDroppedNoRoute();
+    out.dropped_ttl_expiry = m.getDroppedTtlExpiry();
+    out.dropped_store_full = m.getDroppedStoreFull();
+    out.redelivered = m.getRedelivered();
+    for (auto q : m.getQueues()) {
+      queue_metrics row;
+      row.endpoint = q.getEndpoint();
+      row.priority = q.getPriority();
+      row.length = q.getLength();
+      row.checkpoint = q.getCheckpoint();
+      row.last_seq = q.getLastSeq();
+      out.queues.push_back(std::move(row));
+    }
+    out.store_bytes = m.getStoreBytes();
+    out.store_free_bytes = m.getStoreFreeBytes();
+    out.store_limit_bytes = m.getStoreLimitBytes();
+    out.commits = m.getCommits();
+    out.commit_p50_us = m.getCommitP50Us();
+    out.commit_p99_us = m.getCommitP99Us();
+    out.commit_max_us = m.getCommitMaxUs();
+    return out;
+  });
+  return impl_->call<node_metrics>(kj::mv(call), "metrics");
+}
+
+expected<std::uint64_t> control_client::send(const std::string& device, const std::string& module,
+                                             const std::string& output, const message& msg) {
+  auto req = impl_->control.sendRequest();
+  fill_send(req, device, module, output, msg);
+  auto call = req.send().then([](auto&& r) { return send_answer(r); });
+  return impl_->call<std::uint64_t>(kj::mv(call), "send");
+}
+
+/// The client-thread side of one send_stream(): answers in flight, reported in order.
+struct control_client::impl::send_run final : kj::TaskSet::ErrorHandler {
+  const std::function<void(std::size_t, const expected<std::uint64_t>&)>* on_result = nullptr;
+  std::shared_ptr<send_feed::state> feed;
+  std::deque<std::optional<expected<std::uint64_t>>> waiting;  ///< answers of [first, next)
+  std::size_t first = 0;      ///< index of waiting.front(): every earlier one was reported
+  std::size_t next = 0;       ///< index of the next message sent
+  bool input_done = false;    ///< the feed is closed and every message of it was sent
+  bool stopped = false;       ///< the stream ended: report nothing more
+  kj::Own<kj::PromiseFulfiller<expected<void>>> done;
+
+  void finish(expected<void> result) {
+    if (stopped) return;
+    stopped = true;
+    if (done.get() != nullptr && done->isWaiting()) done->fulfill(kj::mv(result));
+  }
+
+  /// Message `index` was answered: report it and every answered one after it,
+  /// in order, up to the first still unanswered.
+  void answered(std::size_t index, expected<std::uint64_t> answer) {
+    if (stopped) return;
+    waiting[index - first] = kj::mv(answer);
+    std::size_t reported = 0;
+    while (!stopped && !waiting.empty() && waiting.front().has_value()) {
+      auto result = std::move(*waiting.front());
+      waiting.pop_front();
+      auto i = first++;
+      ++reported;
+      try {
+        (*on_result)(i, result);
+      } catch (const std::exception& e) {
+        finish(make_error(errc::failed, std::string("the send callback threw: ") + e.what()));
+      }
+    }
+    feed->release(reported);
+    if (input_done && first == next) finish({});
+  }
+
+  void taskFailed(kj::Exception&& e) override {
+    finish(make_error(errc::failed, std::string("send: ") + e.getDescription().cStr()));
+  }
+};
+
+expected<std::size_t> control_client::send_stream(
+    send_feed& feed, const std::function<void(std::size_t, const expected<std::uint64_t>&)>& on_result) {
+  auto& p = *impl_;
+  expected<void> result;
+  std::size_t reported = 0;
+  {
+    impl::send_run run;
+    run.on_result = &on_result;
+    run.feed = feed.state_;
+    auto timeout = p.call_timeout;
+    std::function<void(send_request)> start;
+    std::function<kj::Promise<void>()> pump;
+    kj::TaskSet tasks(run);  // destroyed first: cancels the calls still in flight
+
+    start = [&](send_request item) {
+      auto index = run.next++;
+      run.waiting.emplace_back();
+      auto req = p.control.sendRequest();
+      fill_send(req, item.device, item.module, item.output, item.msg);
+      kj::Promise<expected<std::uint64_t>> call = req.send().then([](auto&& r) { return send_answer(r); });
+      if (timeout.count() > 0) {
+        call = call.exclusiveJoin(
+            p.io.provider->getTimer().afterDelay(timeout.count() * kj::MILLISECONDS).then([&p, timeout]() {
+              return expected<std::uint64_t>(make_error(
+                  errc::timeout, "the canopy node at " + p.path + " did not answer send within " +
+                                     std::to_string(timeout.count()) + " ms"));
+            }));
+      }
+      tasks.add(call.then(
+          [&run, index](expected<std::uint64_t> answer) -> kj::Promise<void> {
+            run.answered(index, kj::mv(answer));
+            return kj::READY_NOW;
+          },
+          [&run, &p, index](kj::Exception&& e) -> kj::Promise<void> {
+            std::string why = e.getDescription().cStr();
+            if (e.getType() != kj::Exception::Type::DISCONNECTED) {
+              run.answered(index,
+                           make_error(errc::failed, "the canopy node at " + p.path + " failed the call: " + why));
+              return kj::READY_NOW;
+            }
+            // evalLast: answers that arrived before the end are reported first.
+            return kj::evalLast([&run, &p, why = kj::mv(why)]() {
+              run.finish(
+                  make_error(errc::unavailable, "lost the connection to the canopy node at " + p.path + ": " + why));
+            });
+          }));
+    };
+
+    // Takes what the producer pushed, a batch at a time; the feed's window
+    // bounds how much that can be.
+    pump = [&]() -> kj::Promise<void> {
+      return run.feed->queue.when_ready().then([&]() -> kj::Promise<void> {
+        if (run.stopped) return kj::READY_NOW;
+        bool closed = run.feed->queue.closed();  // before take(): nothing is pushed after close
+        for (auto& item : run.feed->queue.take()) start(std::move(item));
+        if (closed) {
+          run.input_done = true;
+          if (run.first == run.next) run.finish({});
+          return kj::READY_NOW;
+        }
+        return pump();
+      });
+    };
+
+    auto paf = kj::newPromiseAndFulfiller<expected<void>>();
+    run.done = kj::mv(paf.fulfiller);
+    tasks.add(pump());
+    // Calls in flight fail when the connection breaks; this notices it while
+    // none is (the producer is waiting for input).
+    auto lost = [&run, &p]() {
+      return kj::evalLast([&run, &p]() {
+        run.finish(make_error(errc::unavailable,
+                              "lost the connection to the canopy node at " + p.path + ": the node closed it"));
+      });
+    };
+    tasks.add(p.rpc->onDisconnect().then(lost, [lost](kj::Exception&&) { return lost(); }));
+    result = p.await<void>(kj::mv(paf.promise), std::chrono::milliseconds{0}, expected<void>{},
+                           make_error(errc::failed, "send: interrupted"));
+    run.stopped = true;
+    run.feed->end();
+    reported = run.first;
+  }
+  // The calls were dropped above: let the loop send their cancellations now.
+  p.io.waitScope.poll();
+  if (!result) return std::move(result).err();
+  return reported;
 }
 
 void control_client::set_call_timeout(std::chrono::milliseconds timeout) { impl_->call_timeout = timeout; }

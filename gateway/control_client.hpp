@@ -28,6 +28,48 @@ struct stream_options {
   std::function<void(std::uint64_t)> on_dropped;   ///< told when the node dropped items for us (too slow)
 };
 
+/// One message for control_client::send(): who sent it (node_control::send)
+/// and the message.
+struct send_request {
+  std::string device;  ///< connectionDeviceId: the leaf device, or empty
+  std::string module;  ///< connectionModuleId; empty for a leaf device
+  std::string output;  ///< outputName of a module sender
+  message msg;
+};
+
+/// Hands messages from a producer thread to control_client::send_stream(),
+/// with back-pressure: at most `window` messages are queued or unanswered at
+/// once. push() and close() may be called from any thread (typically one that
+/// reads input); send_stream() consumes on the client's thread. One
+/// send_stream() per feed. Share it through std::shared_ptr when the producer
+/// may outlive the stream (e.g. a thread blocked reading stdin).
+class send_feed {
+ public:
+  /// A feed that lets at most `window` (at least 1) messages be queued or in flight.
+  explicit send_feed(std::size_t window);
+  ~send_feed();
+  send_feed(const send_feed&) = delete;
+  send_feed& operator=(const send_feed&) = delete;
+
+  /// Any thread: queues `req` to be sent, blocking while `window` messages are
+  /// queued or unanswered. Returns false (and drops `req`) once close() was
+  /// called or the stream ended (the connection broke, an interrupt).
+  bool push(send_request req);
+
+  /// Any thread: no more messages; send_stream() returns once every queued
+  /// message is answered.
+  void close();
+
+  /// Any thread: true once the stream that consumed this feed ended (push()
+  /// then returns false).
+  bool ended() const;
+
+ private:
+  friend class control_client;
+  struct state;
+  std::shared_ptr<state> state_;
+};
+
 /// A connection to a running node's control socket.
 class control_client {
  public:
@@ -78,6 +120,30 @@ class control_client {
   expected<std::size_t> monitor(std::int64_t after_seq, std::size_t backlog,
                                 const std::function<bool(const upstream_record&)>& on_record,
                                 const stream_options& options = {});
+
+  /// The router's counters and the message store's state.
+  expected<node_metrics> metrics();
+
+  /// Routes one message as if module `module`'s output `output` sent it, or as
+  /// leaf device `device`'s telemetry when `module` is empty (see
+  /// node_control::send). Returns once the node holds it durably: the number of
+  /// endpoints it was queued to (0 = it matched no route).
+  expected<std::uint64_t> send(const std::string& device, const std::string& module, const std::string& output,
+                               const message& msg);
+
+  /// Sends every message pushed into `feed` (by another thread) on this
+  /// connection, pipelined: up to the feed's window are in flight at once. Each
+  /// answer goes to `on_result(index, targets or the node's error)` in push
+  /// order (index from 0), as soon as it and every earlier one are answered,
+  /// and only if its answer arrived. A message the node does not answer within
+  /// the call timeout is reported as errc::timeout and the stream goes on.
+  /// Returns the number of messages reported once `feed` is closed and every
+  /// message answered. Errors end the stream (and the feed) early: the
+  /// connection's loss (errc::unavailable), an interrupt ("send: interrupted"),
+  /// or an exception thrown by `on_result` (errc::failed); messages not yet
+  /// reported then are never reported.
+  expected<std::size_t> send_stream(
+      send_feed& feed, const std::function<void(std::size_t, const expected<std::uint64_t>&)>& on_result);
 
   /// How long a call other than invoke() may take before it fails with
   /// errc::timeout (default 60 s).

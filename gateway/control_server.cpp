@@ -13,8 +13,10 @@
 #include <spdlog/spdlog.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <string_view>
 #include <system_error>
 
 #include <sys/socket.h>
@@ -292,6 +294,68 @@ class control_service final : public schema::Control::Server {
     auto guard = kj::heap<subscription_guard<upstream_record>>(node_, *id, queue, tracker_);
     context.allowCancellation();
     return pump(params.getSink(), kj::mv(queue)).attach(kj::mv(guard));
+  }
+
+  kj::Promise<void> metrics(MetricsContext context) override {
+    auto bridge = make_bridge<node_metrics>("metrics");
+    node_.metrics(std::move(bridge.callback));
+    return bridge.promise.then([context](expected<node_metrics> m) mutable {
+      auto results = context.getResults();
+      if (!set_status(results.initStatus(), m)) return;
+      auto out = results.initMetrics();
+      out.setReceived(m->received);
+      out.setSent(m->sent);
+      out.setDroppedNoRoute(m->dropped_no_route);
+      out.setDroppedTtlExpiry(m->dropped_ttl_expiry);
+      out.setDroppedStoreFull(m->dropped_store_full);
+      out.setRedelivered(m->redelivered);
+      auto queues = out.initQueues(static_cast<unsigned>(m->queues.size()));
+      for (unsigned i = 0; i < m->queues.size(); ++i) {
+        const auto& q = m->queues[i];
+        auto o = queues[i];
+        o.setEndpoint(q.endpoint);
+        o.setPriority(q.priority);
+        o.setLength(q.length);
+        o.setCheckpoint(q.checkpoint);
+        o.setLastSeq(q.last_seq);
+      }
+      out.setStoreBytes(m->store_bytes);
+      out.setStoreFreeBytes(m->store_free_bytes);
+      out.setStoreLimitBytes(m->store_limit_bytes);
+      out.setCommits(m->commits);
+      out.setCommitP50Us(m->commit_p50_us);
+      out.setCommitP99Us(m->commit_p99_us);
+      out.setCommitMaxUs(m->commit_max_us);
+    });
+  }
+
+  kj::Promise<void> send(SendContext context) override {
+    auto params = context.getParams();
+    std::string device = params.getDevice();
+    std::string module = params.getModule();
+    std::string output = params.getOutput();
+    if (device.empty() && module.empty()) {
+      set_error(context.getResults().initStatus(),
+                make_error(errc::invalid_argument, "send: no sender: give a device or a module"));
+      return kj::READY_NOW;
+    }
+    auto bytes = params.getMessage();
+    auto msg = message::decode(std::string_view(reinterpret_cast<const char*>(bytes.begin()), bytes.size()));
+    if (!msg) {
+      set_error(context.getResults().initStatus(),
+                make_error(errc::invalid_argument, "send: message: " + std::to_string(bytes.size()) +
+                                                       " bytes that do not decode as a canopy message "
+                                                       "(expected canopy::message::encoded())"));
+      return kj::READY_NOW;
+    }
+    auto bridge = make_bridge<std::uint64_t>("send");
+    node_.send(std::move(device), std::move(module), std::move(output), std::move(*msg),
+               std::move(bridge.callback));
+    return bridge.promise.then([context](expected<std::uint64_t> targets) mutable {
+      auto results = context.getResults();
+      if (!set_status(results.initStatus(), targets)) return;
+      results.setTargets(*targets);
+    });
   }
 
  private:

@@ -9,6 +9,7 @@
 #pragma once
 
 #include "runtime/expected.hpp"
+#include "runtime/metrics.hpp"
 
 #include <canopy/message.hpp>
 
@@ -92,6 +93,19 @@ class node_control {
   /// ones with seq > after_seq, oldest first, then new ones as they arrive.
   virtual expected<subscription_id> monitor(std::int64_t after_seq, std::size_t backlog,
                                             std::function<void(upstream_record)> on_record) = 0;
+
+  /// The router's counters and the message store's state (`canopyctl metrics`).
+  virtual void metrics(reply_fn<node_metrics> done) = 0;
+
+  /// Routes `msg` as if module `module`'s output `output` sent it
+  /// (connectionModuleId / outputName), or, when `module` is empty, as
+  /// telemetry of leaf device `device` (connectionDeviceId; a stand-in for the
+  /// MQTT head). `device` may also name a module sender's device; empty fields
+  /// fall back to the message's own system properties. Answers once the message
+  /// is durable, with the number of endpoints it was queued to (0: it matched no
+  /// route); errc::unavailable "store full: ..." if the store refused it.
+  virtual void send(std::string device, std::string module, std::string output, message msg,
+                    reply_fn<std::uint64_t> done) = 0;
 
   /// Ends a subscription; no callback of it runs after this returns.
   virtual void unsubscribe(subscription_id id) = 0;

@@ -140,15 +140,12 @@ void reconcile(agent_actor* self, deployment next, std::function<void(expected<v
     }
     specs.emplace(m.name, std::move(*spec));
   }
-  std::vector<route> compiled;
-  for (auto& r : next.routes) {
-    auto c = route::compile(r.name, r.text);
-    if (!c) {
-      done(c.err());
-      return;
-    }
-    compiled.push_back(std::move(*c));
+  auto compiled = compile_routes(next.routes, next.store_ttl_secs);
+  if (!compiled) {
+    done(compiled.err());
+    return;
   }
+  auto table = std::move(*compiled);
   auto steps = std::make_shared<std::vector<step>>();
   auto modules = st.cfg.modules;
   // 1. Stop removed modules, and changed ones (they restart below).
@@ -180,9 +177,8 @@ void reconcile(agent_actor* self, deployment next, std::function<void(expected<v
     });
   }
   // 2. New routes before new modules start sending.
-  auto table = std::make_shared<const std::vector<route>>(std::move(compiled));
   steps->push_back([self, table](std::function<void()> next_step) {
-    self->send(self->state.cfg.router, atoms::set_routes::value, route_table{table});
+    self->send(self->state.cfg.router, atoms::set_routes::value, table);
     next_step();
   });
   // 3. Start added and changed modules, in startup order (next.modules is sorted).

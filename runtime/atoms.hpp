@@ -30,6 +30,9 @@ using module_up = caf::atom_constant<caf::atom("moduleup")>;
 using modules_ready = caf::atom_constant<caf::atom("modsready")>;
 using subscribe = caf::atom_constant<caf::atom("subscribe")>;
 using stats = caf::atom_constant<caf::atom("stats")>;
+using inject = caf::atom_constant<caf::atom("inject")>;
+using delivered = caf::atom_constant<caf::atom("delivered")>;
+using nack = caf::atom_constant<caf::atom("nack")>;
 
 // agent (runtime/agent.hpp) and control
 using deploy = caf::atom_constant<caf::atom("deploy")>;

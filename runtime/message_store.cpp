@@ -71,6 +71,7 @@ CREATE TABLE lanes (
   priority    INTEGER NOT NULL,
   last_seq    INTEGER NOT NULL,
   acked_seq   INTEGER NOT NULL,
+  delivered_seq INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (endpoint_id, priority)) WITHOUT ROWID;
 CREATE TABLE messages (
   id            INTEGER PRIMARY KEY,
@@ -159,6 +160,7 @@ struct message_store::impl {
     int priority = 0;
     std::int64_t last_seq = 0;
     std::int64_t acked_seq = 0;
+    std::int64_t delivered_seq = 0;
     std::int64_t length = 0;
   };
 
@@ -185,6 +187,7 @@ struct message_store::impl {
   sql_statement release_message;
   sql_statement unref_message;
   sql_statement set_checkpoint;
+  sql_statement set_delivered;
   sql_statement scan_head;
   sql_statement page_count;
   sql_statement freelist_count;
@@ -379,6 +382,8 @@ expected<void> message_store::impl::prepare() {
     {&release_message, "DELETE FROM messages WHERE id = ?1 AND refs <= 1"},
     {&unref_message, "UPDATE messages SET refs = refs - 1 WHERE id = ?1"},
     {&set_checkpoint, "UPDATE lanes SET acked_seq = ?3 WHERE endpoint_id = ?1 AND priority = ?2"},
+    {&set_delivered,
+     "UPDATE lanes SET delivered_seq = ?3 WHERE endpoint_id = ?1 AND priority = ?2"},
     {&scan_head,
      "SELECT seq, expiry_ms FROM queue WHERE endpoint_id = ?1 AND priority = ?2 AND seq > ?3 "
      "ORDER BY seq LIMIT ?4"},
@@ -412,13 +417,14 @@ expected<void> message_store::impl::load() {
                      });
       !r)
     return r;
-  if (auto r = query("SELECT endpoint_id, priority, last_seq, acked_seq FROM lanes",
+  if (auto r = query("SELECT endpoint_id, priority, last_seq, acked_seq, delivered_seq FROM lanes",
                      [&](sqlite3_stmt* s) {
                        lane_state l;
                        l.endpoint_id = sqlite3_column_int64(s, 0);
                        l.priority = sqlite3_column_int(s, 1);
                        l.last_seq = sqlite3_column_int64(s, 2);
                        l.acked_seq = sqlite3_column_int64(s, 3);
+                       l.delivered_seq = sqlite3_column_int64(s, 4);
                        lanes.emplace(lane_key(l.endpoint_id, l.priority), l);
                      });
       !r)
@@ -869,7 +875,8 @@ expected<void> message_store::ack(std::string_view endpoint, int priority, std::
   return ack_many(std::span<const lane_ack>(&a, 1));
 }
 
-expected<void> message_store::ack_many(std::span<const lane_ack> acks) {
+expected<void> message_store::ack_many(std::span<const lane_ack> acks,
+                                       std::span<const lane_ack> delivered) {
   impl& m = *impl_;
   // Check everything first, and find what moves.
   struct step {
@@ -877,28 +884,45 @@ expected<void> message_store::ack_many(std::span<const lane_ack> acks) {
     std::int64_t seq;
     std::int64_t deleted;
   };
-  std::vector<step> steps;
-  steps.reserve(acks.size());
-  for (std::size_t i = 0; i < acks.size(); ++i) {
-    const auto& a = acks[i];
+  auto check = [&](const char* what, std::size_t i, const lane_ack& a) -> expected<impl::lane_state*> {
     impl::lane_state* lane = m.find_lane(a.endpoint, a.priority);
-    const std::string where = "ack " + std::to_string(i) + " (endpoint '" +
-                              std::string(a.endpoint) + "' priority " + std::to_string(a.priority) +
-                              ")";
+    const std::string where = std::string(what) + " " + std::to_string(i) + " (endpoint '" +
+                              std::string(a.endpoint) + "' priority " +
+                              std::to_string(a.priority) + ")";
     if (lane == nullptr)
       return make_error(errc::not_found, where + ": no message was ever queued in this lane");
     if (a.seq > lane->last_seq)
       return make_error(errc::invalid_argument, where + ": seq " + std::to_string(a.seq) +
                                                   " is past the lane's last seq " +
                                                   std::to_string(lane->last_seq));
-    std::int64_t current = lane->acked_seq;
+    return lane;
+  };
+  std::vector<step> steps;
+  steps.reserve(acks.size());
+  for (std::size_t i = 0; i < acks.size(); ++i) {
+    auto lane = check("ack", i, acks[i]);
+    if (!lane)
+      return std::move(lane).err();
+    std::int64_t current = (*lane)->acked_seq;
     for (const auto& st : steps)
-      if (st.lane == lane)
+      if (st.lane == *lane)
         current = std::max(current, st.seq);
-    if (a.seq > current)
-      steps.push_back({lane, a.seq, 0});
+    if (acks[i].seq > current)
+      steps.push_back({*lane, acks[i].seq, 0});
   }
-  if (steps.empty())
+  std::vector<std::pair<impl::lane_state*, std::int64_t>> marks;
+  for (std::size_t i = 0; i < delivered.size(); ++i) {
+    auto lane = check("delivered mark", i, delivered[i]);
+    if (!lane)
+      return std::move(lane).err();
+    std::int64_t current = (*lane)->delivered_seq;
+    for (const auto& mk : marks)
+      if (mk.first == *lane)
+        current = std::max(current, mk.second);
+    if (delivered[i].seq > current)
+      marks.emplace_back(*lane, delivered[i].seq);
+  }
+  if (steps.empty() && marks.empty())
     return {};
 
   if (auto r = m.begin_tx(); !r) {
@@ -917,6 +941,9 @@ expected<void> message_store::ack_many(std::span<const lane_ack> acks) {
     if (auto r = m.run(m.set_checkpoint, {st.lane->endpoint_id, st.lane->priority, st.seq}); !r)
       return fail(std::move(r).err());
   }
+  for (const auto& [lane, seq] : marks)
+    if (auto r = m.run(m.set_delivered, {lane->endpoint_id, lane->priority, seq}); !r)
+      return fail(std::move(r).err());
   if (auto r = m.commit_tx(); !r)
     return fail(std::move(r).err());
   for (const auto& st : steps) {
@@ -924,12 +951,16 @@ expected<void> message_store::ack_many(std::span<const lane_ack> acks) {
     st.lane->length -= st.deleted;
     m.counters.acked += st.deleted;
   }
+  for (const auto& [lane, seq] : marks)
+    lane->delivered_seq = std::max(lane->delivered_seq, seq);
   return {};
 }
 
 // -- expire ----------------------------------------------------------------------
 
-expected<std::int64_t> message_store::expire(std::int64_t max_rows) {
+expected<std::int64_t> message_store::expire(
+  std::int64_t max_rows,
+  const std::function<std::int64_t(std::string_view endpoint, int priority)>& start_after) {
   impl& m = *impl_;
   const std::int64_t now = m.now_ms();
   std::int64_t total = 0;
@@ -938,6 +969,11 @@ expected<std::int64_t> message_store::expire(std::int64_t max_rows) {
     if (lane.length == 0)
       continue;
     std::int64_t cursor = lane.acked_seq;
+    if (start_after) {
+      auto n = m.endpoint_names.find(lane.endpoint_id);
+      if (n != m.endpoint_names.end())
+        cursor = std::max(cursor, start_after(n->second, lane.priority));
+    }
     bool live_found = false;
     while (!live_found && total + static_cast<std::int64_t>(expired.size()) < max_rows) {
       const std::int64_t want = std::min<std::int64_t>(
@@ -991,6 +1027,16 @@ std::int64_t message_store::checkpoint(std::string_view endpoint, int priority) 
   return l != nullptr ? l->acked_seq : 0;
 }
 
+std::int64_t message_store::last_seq(std::string_view endpoint, int priority) const {
+  const auto* l = std::as_const(*impl_).find_lane(endpoint, priority);
+  return l != nullptr ? l->last_seq : 0;
+}
+
+std::int64_t message_store::delivered_mark(std::string_view endpoint, int priority) const {
+  const auto* l = std::as_const(*impl_).find_lane(endpoint, priority);
+  return l != nullptr ? l->delivered_seq : 0;
+}
+
 std::vector<lane_status> message_store::lanes() const {
   std::vector<lane_status> out;
   out.reserve(impl_->lanes.size());
@@ -1001,6 +1047,7 @@ std::vector<lane_status> message_store::lanes() const {
     s.priority = l.priority;
     s.last_seq = l.last_seq;
     s.checkpoint = l.acked_seq;
+    s.delivered = l.delivered_seq;
     s.length = l.length;
     out.push_back(std::move(s));
   }

@@ -55,6 +55,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -129,6 +130,7 @@ struct lane_status {
   int priority = 0;             ///< 0..9
   std::int64_t last_seq = 0;    ///< highest seq ever assigned in this lane
   std::int64_t checkpoint = 0;  ///< last acknowledged seq (delivery resumes after it)
+  std::int64_t delivered = 0;   ///< delivery mark: highest seq recorded as handed to a receiver
   std::int64_t length = 0;      ///< queued rows not yet acknowledged nor expired
 };
 
@@ -237,14 +239,22 @@ class message_store {
   /// past the lane's last seq.
   expected<void> ack(std::string_view endpoint, int priority, std::int64_t seq);
 
-  /// ack() for several lanes in ONE transaction (all or none; checked first).
-  expected<void> ack_many(std::span<const lane_ack> acks);
+  /// ack() for several lanes in ONE transaction (all or none; checked first),
+  /// which also raises the lanes' delivery marks to `delivered` (seq = the
+  /// highest seq handed to the lane's receiver; a mark never moves back). The
+  /// marks let a restarted node tell a re-delivery (seq <= mark) from a first
+  /// delivery. Errors as ack(), naming "ack i" or "delivered mark i".
+  expected<void> ack_many(std::span<const lane_ack> acks, std::span<const lane_ack> delivered = {});
 
   /// Drops expired rows from the head of every lane (in seq order, stopping at
   /// the first live row of each lane), at most `max_rows` in all; returns how
   /// many went (counted as ttl_expiry). For lanes whose receiver is away; rows
-  /// behind a live one are dropped when read() meets them.
-  expected<std::int64_t> expire(std::int64_t max_rows = 100000);
+  /// behind a live one are dropped when read() meets them. With `start_after`,
+  /// a lane's scan starts after max(checkpoint, start_after(endpoint, priority))
+  /// (the rows before it are the caller's: e.g. a window it holds in memory).
+  expected<std::int64_t> expire(
+    std::int64_t max_rows = 100000,
+    const std::function<std::int64_t(std::string_view endpoint, int priority)>& start_after = {});
 
   // -- metrics ------------------------------------------------------------------
 
@@ -253,6 +263,13 @@ class message_store {
 
   /// The lane's checkpoint (0 for an unknown lane). O(1), from memory.
   std::int64_t checkpoint(std::string_view endpoint, int priority) const;
+
+  /// Highest seq ever assigned in the lane (0 for an unknown lane). The next
+  /// append() gives the lane's targets last_seq()+1, +2, ... in batch order.
+  std::int64_t last_seq(std::string_view endpoint, int priority) const;
+
+  /// The lane's delivery mark as last persisted by ack_many() (0 if none).
+  std::int64_t delivered_mark(std::string_view endpoint, int priority) const;
 
   /// Every lane ever used, ordered by endpoint name then priority.
   std::vector<lane_status> lanes() const;

@@ -1,92 +1,772 @@
 #include "runtime/router.hpp"
 
 #include "runtime/atoms.hpp"
+#include "runtime/clock.hpp"
+#include "runtime/message_store.hpp"
 
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <deque>
+#include <limits>
+#include <map>
 #include <unordered_map>
 
 namespace canopy {
 
+std::string module_endpoint(const std::string& module, const std::string& input) {
+  return "/modules/" + module + "/inputs/" + input;
+}
+
+expected<route_table> compile_routes(const std::vector<route_spec>& specs,
+                                     std::uint32_t store_ttl_secs) {
+  std::vector<table_route> out;
+  out.reserve(specs.size());
+  for (const auto& s : specs) {
+    auto r = route::compile(s.name, s.text);
+    if (!r)
+      return std::move(r).err();
+    table_route t{std::move(*r), s.priority, {}, {}};
+    const std::uint32_t secs = s.ttl_secs != 0 ? s.ttl_secs : store_ttl_secs;
+    t.ttl = secs == 0 ? message_store_options::no_expiry : std::chrono::milliseconds{std::int64_t{secs} * 1000};
+    t.endpoint = t.r.sink().to_string();
+    out.push_back(std::move(t));
+  }
+  return route_table{std::make_shared<const std::vector<table_route>>(std::move(out))};
+}
+
 namespace {
 
-struct module_endpoint {
-  caf::actor instance;                                        ///< invalid while down
-  std::deque<std::pair<std::string, message>> waiting;       ///< (input, message)
+using shared_rm = std::shared_ptr<const routed_message>;
+
+/// One message in one lane's memory window.
+struct entry {
+  shared_rm rm;
+  std::int64_t seq = 0;        ///< 0 = not committed (yet)
+  std::int64_t expiry_ms = 0;  ///< wall ms; 0 = never
+  std::uint64_t token = 0;     ///< delivery token while handed over; 0 = not handed
+  bool done = false;           ///< acknowledged, expired or dropped
+  bool handed_before = false;  ///< handed to an earlier instance (or before a restart)
+};
+
+struct receiver;
+
+/// A lane (endpoint, priority): its window in memory and its cursors.
+struct lane {
+  std::string endpoint;
+  std::string input;  ///< module input name ("" for $upstream)
+  int priority = 0;
+  receiver* rcv = nullptr;
+  std::deque<entry> mem;
+  std::uint64_t front_pos = 0;   ///< stream position of mem.front()
+  std::size_t handed = 0;        ///< mem[0, handed) are handed over or done
+  bool spilled = false;          ///< stored rows exist beyond the window
+  std::int64_t read_cursor = 0;  ///< highest seq that entered the window (refill reads after it)
+  std::int64_t checkpoint = 0;   ///< persisted
+  std::int64_t ack_seq = 0;      ///< checkpoint to persist at the next commit
+  std::int64_t mark = 0;         ///< persisted delivery mark
+  std::int64_t want_mark = 0;    ///< mark to persist at the next commit
+  std::int64_t restart_mark = 0; ///< the mark found at start: seqs <= it were handed before
+  std::int64_t uncommitted = 0;  ///< targets waiting in the batch (not yet written)
+  int passed = 0;                ///< times passed over for a more urgent lane, in a row
+};
+
+struct outstanding {
+  std::uint64_t token;
+  lane* l;
+  std::uint64_t pos;
+};
+
+/// Whoever takes the messages of some lanes: a module (its instances) or $upstream.
+struct receiver {
+  std::string name;
+  bool is_upstream = false;
+  caf::actor instance;              ///< invalid while down
+  std::deque<outstanding> out;      ///< handed over, not yet acknowledged, in token order
+  std::vector<lane*> lanes;         ///< sorted by priority
+  int retry_attempt = 0;
+  bool retry_wait = false;
+};
+
+struct pending_target {
+  lane* l;
+  std::uint64_t pos;  ///< stream position in l->mem when in_mem
+  bool in_mem;
+  std::chrono::milliseconds ttl;
+};
+
+struct pending_msg {
+  shared_rm rm;
+  std::size_t first;  ///< index of its first target in router_state::targets
+  std::size_t count;
+};
+
+struct waiting_sender {
+  caf::response_promise promise;
+  std::uint64_t targets;
 };
 
 struct router_state {
   router_config cfg;
-  route_table routes = std::make_shared<const std::vector<route>>();
-  std::unordered_map<std::string, module_endpoint> modules;
-  router_stats stats;
+  route_table routes = std::make_shared<const std::vector<table_route>>();
+  std::map<std::pair<std::string, int>, std::unique_ptr<lane>> lanes;
+  std::unordered_map<std::string, std::unique_ptr<receiver>> receivers;
+  // The group-commit batch.
+  std::vector<pending_msg> batch;
+  std::vector<pending_target> targets;
+  std::vector<waiting_sender> waiting;
+  bool flush_scheduled = false;
+  bool refill_wanted = false;
+  std::uint64_t next_token = 0;
+  node_metrics counters;             ///< received, sent, no_route, redelivered, mem ttl drops
+  std::uint64_t store_errors_logged = 0;
+  clock::timer_id expire_timer = 0;
   static inline const char* name = "canopy.router";
 };
 
-caf::behavior router_impl(caf::stateful_actor<router_state>* self, router_config cfg) {
-  self->state.cfg = std::move(cfg);
-  self->set_down_handler([self](caf::down_msg& dm) {
-    for (auto& [name, ep] : self->state.modules)
-      if (ep.instance && ep.instance.address() == dm.source)
-        ep.instance = caf::actor{};
-  });
-  auto deliver = [self](module_endpoint& ep, const std::string& input, const message& msg) {
-    auto& st = self->state;
-    if (ep.instance) {
-      self->send(ep.instance, atoms::input::value, input, msg);
-      ++st.stats.delivered;
-      return;
+using router_actor = caf::stateful_actor<router_state>;
+
+std::int64_t expiry_for(const router_state& st, std::chrono::milliseconds ttl) {
+  if (ttl == message_store_options::no_expiry)
+    return 0;
+  const std::int64_t now = st.cfg.clk->wall_ms();
+  if (ttl.count() > std::numeric_limits<std::int64_t>::max() - now)
+    return 0;
+  return now + ttl.count();
+}
+
+/// Receiver and input of a stored endpoint name; false if it names neither.
+bool parse_endpoint(const std::string& ep, std::string& rcv, std::string& input) {
+  if (ep == upstream_endpoint) {
+    rcv = upstream_endpoint;
+    input.clear();
+    return true;
+  }
+  static constexpr std::string_view prefix = "/modules/";
+  static constexpr std::string_view mid = "/inputs/";
+  if (ep.compare(0, prefix.size(), prefix) != 0)
+    return false;
+  auto m = ep.find(mid, prefix.size());
+  if (m == std::string::npos)
+    return false;
+  rcv = ep.substr(prefix.size(), m - prefix.size());
+  input = ep.substr(m + mid.size());
+  return !rcv.empty() && !input.empty();
+}
+
+receiver& receiver_of(router_state& st, const std::string& name) {
+  auto& r = st.receivers[name];
+  if (!r) {
+    r = std::make_unique<receiver>();
+    r->name = name;
+    r->is_upstream = name == upstream_endpoint;
+    if (r->is_upstream)
+      r->instance = st.cfg.upstream;
+  }
+  return *r;
+}
+
+lane* lane_of(router_state& st, const std::string& endpoint, int priority) {
+  auto& l = st.lanes[{endpoint, priority}];
+  if (!l) {
+    std::string rname, input;
+    if (!parse_endpoint(endpoint, rname, input))
+      return nullptr;
+    l = std::make_unique<lane>();
+    l->endpoint = endpoint;
+    l->input = input;
+    l->priority = priority;
+    auto& r = receiver_of(st, rname);
+    l->rcv = &r;
+    r.lanes.push_back(l.get());
+    std::stable_sort(r.lanes.begin(), r.lanes.end(),
+                     [](const lane* a, const lane* b) { return a->priority < b->priority; });
+  }
+  return l.get();
+}
+
+void schedule_flush(router_actor* self, bool soon);
+
+/// Pops acknowledged/expired entries from the front of the window; committed
+/// ones move the checkpoint to persist.
+void pop_done(router_actor* self, lane& l) {
+  bool popped = false;
+  while (!l.mem.empty() && l.mem.front().done) {
+    if (l.mem.front().seq > 0)
+      l.ack_seq = std::max(l.ack_seq, l.mem.front().seq);
+    l.mem.pop_front();
+    ++l.front_pos;
+    if (l.handed > 0)
+      --l.handed;
+    popped = true;
+  }
+  if (!popped)
+    return;
+  if (l.ack_seq > l.checkpoint)
+    schedule_flush(self, false);
+  if (l.spilled && l.mem.size() <= self->state.cfg.lane_window / 2) {
+    self->state.refill_wanted = true;
+    schedule_flush(self, true);
+  }
+}
+
+/// The next entry of `l` to hand over, or null; skips (and counts) expired ones.
+/// A stored entry beyond the persisted delivery mark waits for the mark.
+entry* next_entry(router_actor* self, lane& l, std::int64_t now) {
+  auto& st = self->state;
+  while (l.handed < l.mem.size()) {
+    entry& e = l.mem[l.handed];
+    if (e.done || e.token != 0) {
+      ++l.handed;
+      continue;
     }
-    if (ep.waiting.size() >= st.cfg.max_waiting) {
-      ep.waiting.pop_front();
-      ++st.stats.dropped_full;
-      --st.stats.queued;
+    if (e.expiry_ms != 0 && e.expiry_ms <= now) {
+      e.done = true;
+      ++st.counters.dropped_ttl_expiry;
+      ++l.handed;
+      continue;
     }
-    ep.waiting.emplace_back(input, msg);
-    ++st.stats.queued;
-  };
-  return {
-    [self, deliver](atoms::route_msg, routed_message& rm) {
-      auto& st = self->state;
-      ++st.stats.received;
-      auto src = rm.source();
-      bool matched = false;
-      for (auto& r : *st.routes) {
-        if (!r.matches(rm.msg, src))
-          continue;
-        matched = true;
-        auto& sink = r.sink();
-        if (sink.type == route_sink::kind::upstream) {
-          ++st.stats.upstream;
-          if (st.cfg.upstream)
-            self->send(st.cfg.upstream, atoms::route_msg::value, rm);
-        } else {
-          deliver(st.modules[sink.module], sink.input, rm.msg);
+    if (e.seq > 0 && e.seq > l.mark) {
+      // Persist a mark covering the stored part of the window first.
+      for (auto it = l.mem.rbegin(); it != l.mem.rend(); ++it)
+        if (it->seq > 0) {
+          l.want_mark = std::max(l.want_mark, it->seq);
+          break;
         }
+      schedule_flush(self, true);
+      return nullptr;
+    }
+    return &e;
+  }
+  return nullptr;
+}
+
+/// Hands over messages to `r` while its window has room, most urgent lane first
+/// (with the anti-starvation rule).
+void pump(router_actor* self, receiver& r) {
+  auto& st = self->state;
+  if (!r.instance || r.retry_wait)
+    return;
+  const std::int64_t now = st.cfg.clk->wall_ms();
+  while (r.out.size() < st.cfg.receiver_window) {
+    lane* chosen = nullptr;
+    entry* chosen_e = nullptr;
+    for (lane* l : r.lanes) {
+      entry* e = next_entry(self, *l, now);
+      if (e == nullptr)
+        continue;
+      if (chosen == nullptr) {
+        chosen = l;
+        chosen_e = e;
+        continue;
       }
-      if (!matched)
-        ++st.stats.no_route;
+      // A starved lane goes first; among equals (same priority, or both
+      // starved) the one passed over more often.
+      const bool l_starved = l->passed >= st.cfg.starvation_limit;
+      const bool c_starved = chosen->passed >= st.cfg.starvation_limit;
+      bool better;
+      if (l_starved != c_starved)
+        better = l_starved;
+      else if (l_starved || l->priority == chosen->priority)
+        better = l->passed > chosen->passed || (l->passed == chosen->passed && l->priority < chosen->priority);
+      else
+        better = l->priority < chosen->priority;
+      if (better) {
+        chosen = l;
+        chosen_e = e;
+      }
+    }
+    if (chosen == nullptr)
+      break;
+    for (lane* l : r.lanes)
+      if (l != chosen && l->handed < l->mem.size())
+        ++l->passed;
+    chosen->passed = 0;
+    entry& e = *chosen_e;
+    e.token = ++st.next_token;
+    if (e.handed_before || (e.seq > 0 && e.seq <= chosen->restart_mark))
+      ++st.counters.redelivered;
+    r.out.push_back({e.token, chosen, chosen->front_pos + chosen->handed});
+    ++chosen->handed;
+    if (r.is_upstream)
+      self->send(r.instance, atoms::route_msg::value, *e.rm, e.token);
+    else
+      self->send(r.instance, atoms::input::value, chosen->input, e.rm->msg, e.token);
+  }
+}
+
+/// The receiver's unacknowledged deliveries go back to their lanes.
+void reset_outstanding(receiver& r) {
+  for (auto& o : r.out) {
+    if (o.pos < o.l->front_pos)
+      continue;
+    entry& e = o.l->mem[o.pos - o.l->front_pos];
+    if (e.token == o.token) {
+      e.token = 0;
+      e.handed_before = true;
+    }
+  }
+  r.out.clear();
+  for (lane* l : r.lanes)
+    l->handed = 0;
+}
+
+void log_store_error(router_actor* self, const std::string& what, const error& err) {
+  auto& st = self->state;
+  // Loud but bounded: the first errors, then one in a thousand.
+  if (st.store_errors_logged++ < 10 || st.store_errors_logged % 1000 == 0)
+    spdlog::error("router: {}: {} ({} store errors so far)", what, err.message,
+                  st.store_errors_logged);
+}
+
+/// Reads the next window of a spilled lane from the store.
+void refill(router_actor* self, lane& l) {
+  auto& st = self->state;
+  if (!l.spilled || l.mem.size() > st.cfg.lane_window / 2)
+    return;
+  const std::size_t room = st.cfg.lane_window - l.mem.size();
+  auto rows = st.cfg.store->read(l.endpoint, l.priority, l.read_cursor, room);
+  if (!rows) {
+    log_store_error(self, "reading " + l.endpoint, rows.err());
+    return;
+  }
+  for (auto& q : *rows) {
+    l.read_cursor = q.seq;
+    auto msg = q.decode();
+    if (!msg) {
+      // A stored message that no longer decodes can never be delivered: it is
+      // skipped (and the checkpoint moves past it) rather than blocking its lane.
+      log_store_error(self, "skipping a message of " + l.endpoint, msg.err());
+      entry e;
+      e.seq = q.seq;
+      e.done = true;
+      l.mem.push_back(std::move(e));
+      continue;
+    }
+    entry e;
+    e.rm = std::make_shared<const routed_message>(
+      routed_message{std::move(*msg), q.source_device, q.source_module, q.source_output});
+    e.seq = q.seq;
+    e.expiry_ms = q.expiry_ms;
+    e.handed_before = q.seq <= l.restart_mark;
+    l.mem.push_back(std::move(e));
+  }
+  if (rows->size() < room)
+    l.spilled = false;
+  // The receiver is about to get this window: one mark covers it, written with
+  // the checkpoints of this commit.
+  if (l.read_cursor > l.mark)
+    l.want_mark = std::max(l.want_mark, l.read_cursor);
+  pop_done(self, l);
+}
+
+void flush(router_actor* self) {
+  auto& st = self->state;
+  st.flush_scheduled = false;
+  auto& store = *st.cfg.store;
+
+  // 1. Append what is still needed: targets acknowledged (or expired) before
+  //    their commit are never written.
+  std::vector<route_target> flat;
+  std::vector<append_entry> entries;
+  std::vector<const pending_target*> written;  // in append order
+  std::vector<std::size_t> entry_msg;          // batch index of each entry
+  flat.reserve(st.targets.size());
+  for (std::size_t i = 0; i < st.batch.size(); ++i) {
+    const auto& pm = st.batch[i];
+    const std::size_t before = flat.size();
+    for (std::size_t k = pm.first; k < pm.first + pm.count; ++k) {
+      const auto& t = st.targets[k];
+      --t.l->uncommitted;
+      if (t.in_mem && (t.pos < t.l->front_pos || t.l->mem[t.pos - t.l->front_pos].done))
+        continue;
+      flat.push_back(route_target{t.l->endpoint, t.l->priority, t.ttl});
+      written.push_back(&t);
+    }
+    if (flat.size() > before) {
+      entries.push_back(append_entry{pm.rm->msg, pm.rm->source(), {}});
+      entries.back().targets = std::span<const route_target>(flat.data() + before, flat.size() - before);
+      entry_msg.push_back(i);
+    }
+  }
+  bool append_ok = true;
+  error append_err;
+  if (!entries.empty()) {
+    std::map<lane*, std::int64_t> next_seq;
+    for (const auto* t : written)
+      next_seq.emplace(t->l, store.last_seq(t->l->endpoint, t->l->priority));
+    auto r = store.append(entries);
+    if (r) {
+      for (const auto* t : written) {
+        const std::int64_t seq = ++next_seq[t->l];
+        lane& l = *t->l;
+        if (!t->in_mem)
+          continue;
+        if (t->pos < l.front_pos)
+          continue;
+        entry& e = l.mem[t->pos - l.front_pos];
+        e.seq = seq;
+        l.read_cursor = std::max(l.read_cursor, seq);
+        if (e.token != 0 || e.handed_before)
+          l.want_mark = std::max(l.want_mark, seq);
+      }
+    } else {
+      append_ok = false;
+      append_err = std::move(r).err();
+      log_store_error(self, "storing " + std::to_string(entries.size()) + " message(s)", append_err);
+      // Refused: what was not handed over yet is dropped (it was never stored).
+      for (const auto* t : written) {
+        if (!t->in_mem || t->pos < t->l->front_pos)
+          continue;
+        entry& e = t->l->mem[t->pos - t->l->front_pos];
+        if (e.token == 0 && !e.done)
+          e.done = true;  // counted by the store (store_full) with its batch
+      }
+      for (const auto* t : written)
+        pop_done(self, *t->l);
+    }
+  }
+  st.batch.clear();
+  st.targets.clear();
+
+  // 2. Read the next windows of lanes that caught up with their memory.
+  if (st.refill_wanted) {
+    st.refill_wanted = false;
+    for (auto& [key, l] : st.lanes)
+      if (l->spilled && l->rcv->instance)
+        refill(self, *l);
+  }
+
+  // 3. Checkpoints and delivery marks, in one transaction.
+  std::vector<lane_ack> acks, marks;
+  for (auto& [key, l] : st.lanes) {
+    if (l->ack_seq > l->checkpoint)
+      acks.push_back({l->endpoint, l->priority, l->ack_seq});
+    if (l->want_mark > l->mark)
+      marks.push_back({l->endpoint, l->priority, l->want_mark});
+  }
+  if (!acks.empty() || !marks.empty()) {
+    if (auto r = store.ack_many(acks, marks); r) {
+      for (auto& [key, l] : st.lanes) {
+        l->checkpoint = std::max(l->checkpoint, l->ack_seq);
+        l->mark = std::max(l->mark, l->want_mark);
+      }
+    } else {
+      log_store_error(self, "moving checkpoints", r.err());
+      schedule_flush(self, false);  // try again with the next commit
+    }
+  }
+
+  // 4. Senders that wait.
+  for (auto& w : st.waiting) {
+    if (append_ok)
+      w.promise.deliver(w.targets);
+    else
+      w.promise.deliver(caf::make_error(caf::sec::runtime_error, append_err.message));
+  }
+  st.waiting.clear();
+
+  // 5. Hand over what became deliverable.
+  for (auto& [name, r] : st.receivers)
+    pump(self, *r);
+}
+
+void schedule_flush(router_actor* self, bool soon) {
+  auto& st = self->state;
+  if (st.flush_scheduled)
+    return;
+  st.flush_scheduled = true;
+  if (soon || st.cfg.commit_interval.count() == 0)
+    self->send(self, atoms::flush::value);
+  else
+    self->delayed_send(self, st.cfg.commit_interval, atoms::flush::value);
+}
+
+/// Routes one message: finds its lanes, puts it in their windows (handing it
+/// over at once where the receiver has room) and in the commit batch.
+/// Returns the number of targets.
+std::uint64_t enqueue(router_actor* self, routed_message&& in) {
+  auto& st = self->state;
+  ++st.counters.received;
+  const auto src = in.source();
+  lane* found[16];
+  std::chrono::milliseconds ttls[16];
+  std::size_t n = 0;
+  std::vector<std::pair<lane*, std::chrono::milliseconds>> more;  // past 16 targets
+  for (const auto& tr : *st.routes) {
+    if (!tr.r.matches(in.msg, src))
+      continue;
+    lane* l = lane_of(st, tr.endpoint, tr.priority);
+    if (l == nullptr)
+      continue;
+    // One copy per lane, even if several routes lead there.
+    bool dup = std::find(found, found + n, l) != found + n;
+    for (auto& m : more)
+      dup = dup || m.first == l;
+    if (dup)
+      continue;
+    if (n < 16) {
+      found[n] = l;
+      ttls[n] = tr.ttl;
+      ++n;
+    } else {
+      more.emplace_back(l, tr.ttl);
+    }
+  }
+  const std::size_t total = n + more.size();
+  if (total == 0) {
+    ++st.counters.dropped_no_route;
+    return 0;
+  }
+  auto rm = std::make_shared<const routed_message>(std::move(in));
+  const std::size_t first = st.targets.size();
+  for (std::size_t i = 0; i < total; ++i) {
+    lane& l = i < n ? *found[i] : *more[i - n].first;
+    const auto ttl = i < n ? ttls[i] : more[i - n].second;
+    pending_target t{&l, 0, false, ttl};
+    if (!l.spilled && l.mem.size() < st.cfg.lane_window) {
+      entry e;
+      e.rm = rm;
+      e.expiry_ms = expiry_for(st, ttl);
+      t.pos = l.front_pos + l.mem.size();
+      t.in_mem = true;
+      l.mem.push_back(std::move(e));
+    } else {
+      l.spilled = true;
+    }
+    ++l.uncommitted;
+    st.targets.push_back(t);
+  }
+  st.batch.push_back({std::move(rm), first, total});
+  for (std::size_t i = 0; i < total; ++i) {
+    const pending_target& t = st.targets[first + i];
+    if (t.in_mem)
+      pump(self, *t.l->rcv);
+  }
+  if (st.batch.size() >= st.cfg.commit_batch)
+    flush(self);
+  else
+    schedule_flush(self, false);
+  return total;
+}
+
+void acknowledge(router_actor* self, receiver& r, std::uint64_t token) {
+  auto& st = self->state;
+  lane* last = nullptr;
+  while (!r.out.empty() && r.out.front().token <= token) {
+    const auto o = r.out.front();
+    r.out.pop_front();
+    if (o.pos >= o.l->front_pos) {
+      entry& e = o.l->mem[o.pos - o.l->front_pos];
+      if (e.token == o.token && !e.done) {
+        e.done = true;
+        ++st.counters.sent;
+      }
+    }
+    if (o.l != last) {
+      if (last != nullptr)
+        pop_done(self, *last);
+      last = o.l;
+    }
+  }
+  if (last != nullptr)
+    pop_done(self, *last);
+  r.retry_attempt = 0;
+  pump(self, r);
+}
+
+void sweep_expired(router_actor* self) {
+  auto& st = self->state;
+  const std::int64_t now = st.cfg.clk->wall_ms();
+  for (auto& [key, l] : st.lanes) {
+    // The window: entries not handed over.
+    for (auto& e : l->mem)
+      if (!e.done && e.token == 0 && e.expiry_ms != 0 && e.expiry_ms <= now) {
+        e.done = true;
+        ++st.counters.dropped_ttl_expiry;
+      }
+    pop_done(self, *l);
+  }
+  // Stored rows beyond the windows (rows in a window are the router's).
+  auto r = st.cfg.store->expire(100000, [&st](std::string_view ep, int prio) -> std::int64_t {
+    auto it = st.lanes.find({std::string(ep), prio});
+    return it == st.lanes.end() ? 0 : it->second->read_cursor;
+  });
+  if (!r)
+    log_store_error(self, "expiring messages", r.err());
+}
+
+void arm_expire_timer(router_actor* self) {
+  auto& st = self->state;
+  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
+  st.expire_timer = st.cfg.clk->call_after(st.cfg.expire_interval, [weak] {
+    if (auto a = caf::actor_cast<caf::actor>(weak.lock()))
+      caf::anon_send(a, atoms::tick::value);
+  });
+}
+
+node_metrics metrics_of(router_actor* self) {
+  auto& st = self->state;
+  auto& store = *st.cfg.store;
+  node_metrics m = st.counters;
+  const auto& c = store.counters();
+  m.dropped_ttl_expiry += static_cast<std::uint64_t>(c.dropped_ttl_expiry);
+  m.dropped_store_full = static_cast<std::uint64_t>(c.dropped_store_full);
+  m.commits = static_cast<std::uint64_t>(c.commits);
+  // After the flush every undelivered message is either stored or in a window.
+  for (auto& ls : store.lanes()) {
+    queue_metrics q;
+    q.endpoint = ls.endpoint;
+    q.priority = ls.priority;
+    q.length = ls.length;
+    q.checkpoint = ls.checkpoint;
+    q.last_seq = ls.last_seq;
+    m.queues.push_back(std::move(q));
+  }
+  // Lanes known only in memory, and window entries never stored (handed
+  // over, not yet acknowledged).
+  for (auto& [key, l] : st.lanes) {
+    std::int64_t unstored = 0;
+    for (auto& e : l->mem)
+      if (!e.done && e.seq == 0)
+        ++unstored;
+    auto it = std::lower_bound(m.queues.begin(), m.queues.end(), key,
+                               [](const queue_metrics& q, const std::pair<std::string, int>& k) {
+                                 return std::tie(q.endpoint, q.priority) < std::tie(k.first, k.second);
+                               });
+    if (it == m.queues.end() || it->endpoint != l->endpoint || it->priority != l->priority) {
+      queue_metrics q;
+      q.endpoint = l->endpoint;
+      q.priority = l->priority;
+      it = m.queues.insert(it, std::move(q));
+    }
+    it->length += unstored;
+  }
+  if (auto sz = store.size()) {
+    m.store_bytes = sz->file_bytes;
+    m.store_free_bytes = sz->free_bytes;
+    m.store_limit_bytes = sz->limit_bytes;
+  }
+  auto lat = store.commit_latencies();
+  if (!lat.empty()) {
+    std::sort(lat.begin(), lat.end());
+    auto at = [&](double q) {
+      return lat[std::min(lat.size() - 1, static_cast<std::size_t>(q * static_cast<double>(lat.size())))]
+        .count();
+    };
+    m.commit_p50_us = at(0.5);
+    m.commit_p99_us = at(0.99);
+    m.commit_max_us = lat.back().count();
+  }
+  return m;
+}
+
+caf::behavior router_impl(router_actor* self, router_config cfg) {
+  auto& st = self->state;
+  st.cfg = std::move(cfg);
+  // Resume every stored lane from its checkpoint.
+  for (auto& ls : st.cfg.store->lanes()) {
+    lane* l = lane_of(st, ls.endpoint, ls.priority);
+    if (l == nullptr) {
+      spdlog::warn("router: stored endpoint '{}' names no module input; its messages stay until they expire",
+                   ls.endpoint);
+      continue;
+    }
+    l->checkpoint = l->ack_seq = ls.checkpoint;
+    l->read_cursor = ls.checkpoint;
+    l->mark = l->want_mark = ls.delivered;
+    l->restart_mark = ls.delivered;
+    l->spilled = ls.length > 0;
+    st.refill_wanted = st.refill_wanted || l->spilled;
+  }
+  if (st.cfg.upstream)
+    self->monitor(st.cfg.upstream);
+  if (st.refill_wanted)
+    schedule_flush(self, true);
+  arm_expire_timer(self);
+  self->set_down_handler([self](caf::down_msg& dm) {
+    for (auto& [name, r] : self->state.receivers)
+      if (r->instance && r->instance.address() == dm.source) {
+        r->instance = caf::actor{};
+        reset_outstanding(*r);
+      }
+  });
+  // An orderly stop commits what is batched.
+  self->set_exit_handler([self](caf::exit_msg& em) {
+    flush(self);
+    self->quit(em.reason);
+  });
+  return {
+    [self](atoms::route_msg, routed_message& rm) { enqueue(self, std::move(rm)); },
+    [self](atoms::inject, routed_message& rm) -> caf::result<std::uint64_t> {
+      auto rp = self->make_response_promise<std::uint64_t>();
+      const auto n = enqueue(self, std::move(rm));
+      if (n == 0) {
+        rp.deliver(std::uint64_t{0});
+        return rp;
+      }
+      self->state.waiting.push_back({rp, n});
+      schedule_flush(self, false);
+      return rp;
     },
-    [self](atoms::set_routes, route_table& routes) {
-      self->state.routes = std::move(routes);
-    },
+    [self](atoms::set_routes, route_table& routes) { self->state.routes = std::move(routes); },
     [self](atoms::module_up, const std::string& name, caf::actor& instance) {
-      auto& st = self->state;
-      auto& ep = st.modules[name];
+      auto& r = receiver_of(self->state, name);
       self->monitor(instance);
-      ep.instance = instance;
-      // Deliver what waited, in order, before anything new (the mailbox is FIFO).
-      while (!ep.waiting.empty()) {
-        auto& [input, msg] = ep.waiting.front();
-        self->send(ep.instance, atoms::input::value, input, msg);
-        ++st.stats.delivered;
-        --st.stats.queued;
-        ep.waiting.pop_front();
+      r.instance = instance;
+      reset_outstanding(r);
+      if (std::any_of(r.lanes.begin(), r.lanes.end(), [](const lane* l) { return l->spilled; })) {
+        self->state.refill_wanted = true;
+        schedule_flush(self, true);
       }
+      pump(self, r);
     },
-    [self](atoms::stats) { return self->state.stats; },
+    [self](atoms::delivered, const std::string& name, std::uint64_t token) {
+      auto it = self->state.receivers.find(name);
+      if (it == self->state.receivers.end())
+        return;
+      auto& r = *it->second;
+      // Acknowledgements from an instance that was replaced are stale.
+      if (!r.instance || r.instance.address() != self->current_sender())
+        return;
+      acknowledge(self, r, token);
+    },
+    [self](atoms::nack, const std::string& name) {
+      auto& st = self->state;
+      auto it = st.receivers.find(name);
+      if (it == st.receivers.end())
+        return;
+      auto& r = *it->second;
+      if (!r.instance || r.instance.address() != self->current_sender())
+        return;
+      reset_outstanding(r);
+      r.retry_wait = true;
+      auto delay = st.cfg.retry_base * (std::int64_t{1} << std::min(r.retry_attempt, 20));
+      delay = std::min(delay, st.cfg.retry_cap);
+      ++r.retry_attempt;
+      auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
+      st.cfg.clk->call_after(delay, [weak, name] {
+        if (auto a = caf::actor_cast<caf::actor>(weak.lock()))
+          caf::anon_send(a, atoms::restart::value, name);
+      });
+    },
+    [self](atoms::restart, const std::string& name) {
+      auto it = self->state.receivers.find(name);
+      if (it == self->state.receivers.end())
+        return;
+      it->second->retry_wait = false;
+      pump(self, *it->second);
+    },
+    [self](atoms::flush) { flush(self); },
+    [self](atoms::tick) {
+      sweep_expired(self);
+      arm_expire_timer(self);
+    },
+    [self](atoms::stats) {
+      flush(self);
+      return metrics_of(self);
+    },
   };
 }
 

@@ -1,19 +1,56 @@
-// The router actor: applies the deployment's routes to every message a module
-// sends, and delivers to module inputs or to $upstream (DESIGN.md "Messages").
+// The router actor: applies the deployment's routes to every message, keeps
+// every accepted message in the durable message store until each of its
+// endpoints acknowledged it or it expired, and delivers (DESIGN.md "Messages").
 //
 // Protocol (atoms in runtime/atoms.hpp):
-//   (route_msg, routed_message)                    a module sent a message
-//   (set_routes, route_table)                      a deployment's compiled routes
-//   (module_up, std::string name, caf::actor)      an instance of `name` is ready for input;
-//                                                  the router monitors it
-//   (stats) -> router_stats
-// Delivery to a module is (input, std::string input_name, message). While a
-// module has no live instance (restarting, backoff, stopped) its messages wait
-// in a bounded in-memory queue (oldest dropped and counted when full) and are
-// delivered in order when it comes up. $upstream messages go to the upstream
-// actor as (route_msg, routed_message).
+//   (route_msg, routed_message)                 a module sent a message (fire and forget)
+//   (inject, routed_message) -> uint64          a sender that waits: the reply (the number of
+//                                               endpoints it was queued to; 0 = no route)
+//                                               comes once the message is durable (or was
+//                                               delivered and acknowledged before that); an
+//                                               error "store full: ..." if refused
+//   (set_routes, route_table)                   a deployment's compiled routes
+//   (module_up, std::string name, caf::actor)   an instance of module `name` is ready for
+//                                               input; the router monitors it
+//   (delivered, std::string receiver, uint64 token)   receiver acknowledges every delivery
+//                                               up to `token` (cumulative)
+//   (nack, std::string receiver)                receiver could not take its outstanding
+//                                               deliveries: retried after a backoff
+//   (stats) -> node_metrics
+//
+// Delivery to a module instance is (input, std::string input_name, message,
+// uint64 token); the module host acknowledges with (delivered, module, token)
+// after on_message returned. Delivery to $upstream is (route_msg,
+// routed_message, uint64 token) to `router_config::upstream`, acknowledged the
+// same way with receiver "$upstream" once it stored the message.
+//
+// Store and delivery (the rules README.md "Durable routing" documents):
+// - Each matching route gives the message a target: a lane (endpoint, route
+//   priority) and a TTL (the route's timeToLiveSecs, else the store's default).
+// - Group commit: messages wait in memory at most `commit_interval` (or until
+//   `commit_batch` are waiting) and are appended in one transaction. Each lane
+//   keeps a window of at most `lane_window` messages in memory; beyond it the
+//   lane is on disk only and is read back a window at a time as the receiver
+//   catches up, so memory never grows with a queue.
+// - A message in a live lane's window is handed to its receiver at once. If
+//   every receiver acknowledged it before its commit, it is never written
+//   (nothing is left to keep); otherwise it is committed and each lane's
+//   checkpoint moves when its receiver acknowledges. Senders that wait (inject)
+//   are answered only after that point.
+// - At most `receiver_window` deliveries per receiver are unacknowledged; a
+//   receiver that goes down gets its unacknowledged deliveries again, in
+//   order, when it comes back. A $upstream receiver that nacks is retried with
+//   exponential backoff (`retry_base` .. `retry_cap`) on the injected clock.
+// - Priorities: a receiver takes the most urgent lane that has a message,
+//   except that a lane passed over `starvation_limit` times in a row goes next.
+// - Before handing over a stored message beyond a lane's persisted delivery
+//   mark, the mark is committed; after a restart, deliveries at or below the
+//   mark are counted as `redelivered`.
 #pragma once
 
+#include "runtime/deployment.hpp"
+#include "runtime/expected.hpp"
+#include "runtime/metrics.hpp"
 #include "runtime/route.hpp"
 
 #include <caf/actor.hpp>
@@ -22,6 +59,7 @@
 
 #include <canopy/message.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -29,33 +67,59 @@
 
 namespace canopy {
 
+class clock;
+class message_store;
+
 /// A message in flight, with where it came from kept beside the encoded bytes
 /// (so forwarding never re-encodes).
 struct routed_message {
   message msg;
   std::string device;  ///< connectionDeviceId
-  std::string module;  ///< connectionModuleId
+  std::string module;  ///< connectionModuleId ("" for a leaf device)
   std::string output;  ///< outputName
 
   message_source source() const { return {device, module, output}; }
 };
 
-/// The compiled routes of one deployment. Immutable, shared.
-using route_table = std::shared_ptr<const std::vector<route>>;
-
-/// Counters, for `canopyctl` and tests.
-struct router_stats {
-  std::uint64_t received = 0;
-  std::uint64_t delivered = 0;      ///< sent to a live module instance
-  std::uint64_t upstream = 0;       ///< handed to $upstream
-  std::uint64_t no_route = 0;       ///< matched no route
-  std::uint64_t queued = 0;         ///< currently waiting for a module to come up
-  std::uint64_t dropped_full = 0;   ///< dropped because a waiting queue was full
+/// One compiled route with what the store needs: its lane and time-to-live.
+struct table_route {
+  route r;
+  int priority = 0;               ///< 0 (most urgent) .. 9
+  std::chrono::milliseconds ttl;  ///< message_store_options::no_expiry = never
+  std::string endpoint;           ///< r.sink().to_string()
 };
 
+/// The compiled routes of one deployment. Immutable, shared.
+using route_table = std::shared_ptr<const std::vector<table_route>>;
+
+/// Compiles a deployment's routes: a route's TTL is its timeToLiveSecs, else
+/// `store_ttl_secs` (storeAndForwardConfiguration); 0 there means never expire.
+/// Errors name the route and column.
+expected<route_table> compile_routes(const std::vector<route_spec>& specs,
+                                     std::uint32_t store_ttl_secs);
+
+/// Endpoint name of a module input in the store: "/modules/{module}/inputs/{input}".
+std::string module_endpoint(const std::string& module, const std::string& input);
+
+/// Endpoint name of $upstream in the store.
+inline constexpr const char* upstream_endpoint = "$upstream";
+
 struct router_config {
-  caf::actor upstream;                  ///< receives $upstream messages; may be invalid (dropped + counted)
-  std::size_t max_waiting = 100000;     ///< per module, while it has no instance
+  /// Receives $upstream messages and acknowledges them; may be invalid
+  /// (they then wait in the store).
+  caf::actor upstream;
+  /// The durable queues; required. The router is its only user while it runs.
+  std::shared_ptr<message_store> store;
+  /// TTL of messages waiting in memory, retry backoff, expiry sweeps; required.
+  clock* clk = nullptr;
+  std::size_t lane_window = 1000;         ///< messages of one lane held in memory
+  std::size_t receiver_window = 1000;     ///< unacknowledged deliveries per receiver
+  std::size_t commit_batch = 4096;        ///< commit at once when this many wait
+  std::chrono::microseconds commit_interval{2000};  ///< longest wait before a commit
+  int starvation_limit = 16;              ///< see "Priorities" above
+  std::chrono::milliseconds retry_base{100};
+  std::chrono::milliseconds retry_cap{30000};
+  std::chrono::milliseconds expire_interval{10000};  ///< sweep of expired rows in idle lanes
 };
 
 /// Spawns the router.
@@ -66,4 +130,4 @@ caf::actor spawn_router(caf::actor_system& sys, router_config cfg);
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::message)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::routed_message)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::route_table)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::router_stats)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::node_metrics)

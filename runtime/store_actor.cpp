@@ -15,11 +15,11 @@ struct store_state {
   std::shared_ptr<node_store> store;
   const clock* clk = nullptr;
   std::vector<routed_message> batch;
+  caf::actor router;             ///< who handed over the batch (acknowledged after the commit)
+  std::uint64_t last_token = 0;  ///< token of the batch's last message
   bool flush_pending = false;
   std::map<std::uint64_t, upstream_callback> subscribers;
   std::uint64_t appended = 0;
-  std::uint64_t dropped = 0;  ///< $upstream messages given up after failed writes
-  bool retry_pending = false;
   static inline const char* name = "canopy.store";
 };
 
@@ -41,23 +41,16 @@ void flush(store_actor* self) {
     entries.push_back(upstream_entry{rm.module, rm.output, now, rm.msg.encoded()});
   auto seqs = st.store->append_upstream(entries);
   if (!seqs) {
-    // Keep the batch and try again shortly (a busy or full disk may recover);
-    // past a bound, drop the oldest and count them, loudly.
+    // The router keeps the messages in its store and hands them over again
+    // after a backoff (a busy or full disk may recover).
     log_failure("storing $upstream messages", seqs.err());
-    constexpr std::size_t max_retained = 100000;
-    if (st.batch.size() > max_retained) {
-      auto excess = st.batch.size() - max_retained;
-      st.batch.erase(st.batch.begin(), st.batch.begin() + static_cast<std::ptrdiff_t>(excess));
-      st.dropped += excess;
-      spdlog::error("store: dropped {} $upstream message(s) after failed writes ({} in all)", excess,
-                    st.dropped);
-    }
-    if (!st.retry_pending) {
-      st.retry_pending = true;
-      self->delayed_send(self, std::chrono::seconds{1}, atoms::flush::value);
-    }
+    st.batch.clear();
+    if (st.router)
+      self->send(st.router, atoms::nack::value, std::string{upstream_endpoint});
     return;
   }
+  if (st.router)
+    self->send(st.router, atoms::delivered::value, std::string{upstream_endpoint}, st.last_token);
   st.appended += st.batch.size();
   if (!st.subscribers.empty()) {
     for (std::size_t i = 0; i < st.batch.size(); ++i) {
@@ -104,22 +97,25 @@ caf::behavior store_impl(store_actor* self, std::shared_ptr<node_store> store, c
       if (auto r = self->state.store->save_deployment(d.manifest.dump(), d.base_dir); !r)
         log_failure("saving the deployment", r.err());
     },
-    [self](atoms::route_msg, routed_message& rm) {
+    [self](atoms::route_msg, routed_message& rm, std::uint64_t token) {
       auto& st = self->state;
+      auto sender = caf::actor_cast<caf::actor>(self->current_sender());
+      if (sender != st.router) {
+        flush(self);  // acknowledges the previous router's batch (or nacks)
+        st.router = sender;
+      }
       st.batch.push_back(std::move(rm));
+      st.last_token = token;
       // Group commit: everything that arrives before the flush message is
       // processed goes into one transaction.
       if (!st.flush_pending) {
         st.flush_pending = true;
         self->send(self, atoms::flush::value);
       }
-      if (st.batch.size() >= 4096 && !st.retry_pending)
+      if (st.batch.size() >= 4096)
         flush(self);
     },
-    [self](atoms::flush) {
-      self->state.retry_pending = false;
-      flush(self);
-    },
+    [self](atoms::flush) { flush(self); },
     [self](atoms::subscribe, std::uint64_t id, std::int64_t after_seq, std::uint64_t backlog,
            upstream_callback& cb) {
       auto& st = self->state;

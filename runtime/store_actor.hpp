@@ -7,8 +7,12 @@
 //   (forget, std::string module)           delete a module's state and reported properties
 //   (reported, std::string module, std::string json)   save reported properties
 //   (deploy, deployment)                   save the last applied deployment
-//   (route_msg, routed_message)            a message reached $upstream: stored in batches
-//                                          (one transaction per batch), then pushed to subscribers
+//   (route_msg, routed_message, uint64 token)   the router hands over a $upstream message:
+//                                          stored in batches (one transaction per batch),
+//                                          acknowledged to the router as (delivered,
+//                                          "$upstream", token) after the commit (or (nack,
+//                                          "$upstream") if the write failed), then pushed to
+//                                          subscribers
 //   (subscribe, uint64 id, int64 after_seq, uint64 backlog, upstream_callback)
 //   (unsubscribe, uint64 id)
 // Write errors are logged, counted and never crash the node's other parts.

@@ -51,6 +51,34 @@ struct UpstreamRecord {
   message @4 :Data;            # canopy::message::encoded(); decode with message::decode
 }
 
+# One queue of the message store: a lane (endpoint, priority) (canopy::queue_metrics).
+struct Queue {
+  endpoint @0 :Text;           # "$upstream" or "/modules/{id}/inputs/{name}"
+  priority @1 :Int32;          # 0 (most urgent) .. 9
+  length @2 :Int64;            # messages not yet acknowledged by the receiver
+  checkpoint @3 :Int64;        # last acknowledged seq
+  lastSeq @4 :Int64;           # highest seq given to a stored message
+}
+
+# The node's message metrics (canopy::node_metrics): counters since the router
+# started, and the store's state now.
+struct Metrics {
+  received @0 :UInt64;
+  sent @1 :UInt64;
+  droppedNoRoute @2 :UInt64;
+  droppedTtlExpiry @3 :UInt64;
+  droppedStoreFull @4 :UInt64;
+  redelivered @5 :UInt64;
+  queues @6 :List(Queue);      # by endpoint, then priority
+  storeBytes @7 :Int64;
+  storeFreeBytes @8 :Int64;
+  storeLimitBytes @9 :Int64;   # 0 = no limit
+  commits @10 :UInt64;
+  commitP50Us @11 :Int64;
+  commitP99Us @12 :Int64;
+  commitMaxUs @13 :Int64;
+}
+
 # Implemented by the client: receives the lines of `followLogs`.
 interface LogSink {
   line @0 (text :Text) -> stream;
@@ -83,4 +111,15 @@ interface Control {
   # Streams $upstream messages into `sink`: first the stored ones with
   # seq > afterSeq (at most `backlog`), then new ones. Lifetime as followLogs.
   monitor @7 (afterSeq :Int64, backlog :UInt32, sink :MessageSink) -> (status :Status);
+
+  # The router's counters and the store's state.
+  metrics @8 () -> (status :Status, metrics :Metrics);
+
+  # Routes `message` (canopy::message::encoded() bytes) as if module `module`'s
+  # output `output` sent it, or as telemetry of leaf device `device` when
+  # `module` is empty. Answers once the message is durable: `targets` is the
+  # number of endpoints it was queued to (0 = it matched no route). Bytes that
+  # do not decode are `invalidArgument`; a full store is `unavailable`.
+  # Calls may be pipelined: many in flight on one connection.
+  send @9 (device :Text, module :Text, output :Text, message :Data) -> (status :Status, targets :UInt64);
 }

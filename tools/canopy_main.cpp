@@ -33,6 +33,11 @@ int main(int argc, char** argv) {
   run->add_flag("--log-json", opts.log.json, "Log one JSON object per line");
   run->add_option("--module-path", opts.module_path, "Directories searched for relative module libraries");
   run->add_option("--threads", opts.worker_threads, "Actor worker threads (0 = default)");
+  double store_limit_mb = 0;
+  run->add_option("--store-limit-mb", store_limit_mb,
+                  "Size limit of the message store in MiB (0 = none): at the limit new messages "
+                  "are refused with \"store full\" instead of filling the disk")
+    ->check(CLI::NonNegativeNumber);
   unsigned stop_timeout = 60;
   run->add_option("--stop-timeout", stop_timeout,
                   "Seconds an orderly stop may take before the process exits anyway")
@@ -46,6 +51,7 @@ int main(int argc, char** argv) {
   app.add_subcommand("version", "Print versions and exit");
 
   CLI11_PARSE(app, argc, argv);
+  opts.max_store_bytes = static_cast<std::int64_t>(store_limit_mb * 1024 * 1024);
 
   if (app.got_subcommand("version")) {
     std::printf("canopy %s (module ABI %u)\n", canopy::sdk_version, canopy::module_abi_version);

@@ -2,13 +2,15 @@
 // the node's control socket (gateway/control_server) through control_client.
 //
 // Exit codes: 0 ok, 1 the operation failed, 2 usage, 3 cannot connect to the
-// node, 130 a one-shot command interrupted by Ctrl-C (streams end with 0).
+// node, 130 a one-shot command interrupted by Ctrl-C (streams end with 0; `send
+// --stdin`, whose unanswered messages are unaccounted for, ends with 130).
 #include "gateway/control_client.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cerrno>
 #include <csignal>
@@ -20,10 +22,17 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <iterator>
+#include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <thread>
+#include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 namespace {
 
@@ -172,6 +181,56 @@ nlohmann::ordered_json json_or_string(const std::string& text) {
   return parsed;
 }
 
+/// Prints rows (the first is the header) as columns three spaces apart.
+void print_table(const std::vector<std::vector<std::string>>& table) {
+  std::vector<std::size_t> width(table[0].size(), 0);
+  for (const auto& row : table) {
+    for (std::size_t c = 0; c < row.size(); ++c) width[c] = std::max(width[c], row[c].size());
+  }
+  for (const auto& row : table) {
+    std::string line;
+    for (std::size_t c = 0; c < row.size(); ++c) {
+      line += row[c];
+      if (c + 1 < row.size()) line += std::string(width[c] - row[c].size() + 3, ' ');
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    std::cout << line << "\n";
+  }
+}
+
+/// "512 B", "1.5 KiB", "3.2 MiB", ...
+std::string human_bytes(std::int64_t bytes) {
+  static constexpr const char* units[] = {"KiB", "MiB", "GiB", "TiB"};
+  if (bytes < 1024) return std::to_string(bytes) + " B";
+  double v = static_cast<double>(bytes);
+  std::size_t u = 0;
+  for (v /= 1024; v >= 1024 && u + 1 < std::size(units); ++u) v /= 1024;
+  char out[32];
+  std::snprintf(out, sizeof(out), "%.1f %s", v, units[u]);
+  return out;
+}
+
+/// "850 us", "2.3 ms", "1.20 s".
+std::string human_micros(std::int64_t us) {
+  char out[32];
+  if (us < 1000) {
+    std::snprintf(out, sizeof(out), "%lld us", static_cast<long long>(us));
+  } else if (us < 1000000) {
+    std::snprintf(out, sizeof(out), "%.1f ms", static_cast<double>(us) / 1e3);
+  } else {
+    std::snprintf(out, sizeof(out), "%.2f s", static_cast<double>(us) / 1e6);
+  }
+  return out;
+}
+
+/// `text` on one line (an error text inside a line of `send --stdin`).
+std::string one_line(std::string text) {
+  for (auto& c : text) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  return text;
+}
+
 // --- Commands ----------------------------------------------------------------------
 
 /// Prints a failed operation's error exactly as the node worded it.
@@ -208,19 +267,7 @@ int cmd_list(control_client& client, bool as_json) {
     table.push_back({r.name, r.status, describe(r, now), std::to_string(r.restart_count),
                      show_exit ? r.last_exit_reason : ""});
   }
-  std::vector<std::size_t> width(table[0].size(), 0);
-  for (const auto& row : table) {
-    for (std::size_t c = 0; c < row.size(); ++c) width[c] = std::max(width[c], row[c].size());
-  }
-  for (const auto& row : table) {
-    std::string line;
-    for (std::size_t c = 0; c < row.size(); ++c) {
-      line += row[c];
-      if (c + 1 < row.size()) line += std::string(width[c] - row[c].size() + 3, ' ');
-    }
-    while (!line.empty() && line.back() == ' ') line.pop_back();
-    std::cout << line << "\n";
-  }
+  print_table(table);
   return exit_ok;
 }
 
@@ -306,6 +353,174 @@ int cmd_monitor(control_client& client, std::size_t count, double timeout_secs, 
   return exit_ok;
 }
 
+int cmd_metrics(control_client& client, bool as_json) {
+  auto m = client.metrics();
+  if (!m) return report(client, m.err());
+  if (as_json) {
+    // Keys are node_metrics' field names (runtime/metrics.hpp).
+    auto queues = nlohmann::ordered_json::array();
+    for (const auto& q : m->queues) {
+      queues.push_back({{"endpoint", q.endpoint},
+                        {"priority", q.priority},
+                        {"length", q.length},
+                        {"checkpoint", q.checkpoint},
+                        {"last_seq", q.last_seq}});
+    }
+    nlohmann::ordered_json out{{"received", m->received},
+                               {"sent", m->sent},
+                               {"dropped_no_route", m->dropped_no_route},
+                               {"dropped_ttl_expiry", m->dropped_ttl_expiry},
+                               {"dropped_store_full", m->dropped_store_full},
+                               {"redelivered", m->redelivered},
+                               {"queues", queues},
+                               {"store_bytes", m->store_bytes},
+                               {"store_free_bytes", m->store_free_bytes},
+                               {"store_limit_bytes", m->store_limit_bytes},
+                               {"commits", m->commits},
+                               {"commit_p50_us", m->commit_p50_us},
+                               {"commit_p99_us", m->commit_p99_us},
+                               {"commit_max_us", m->commit_max_us}};
+    std::cout << out.dump(2) << "\n";
+    return exit_ok;
+  }
+  auto dropped = m->dropped_no_route + m->dropped_ttl_expiry + m->dropped_store_full;
+  std::cout << "received      " << m->received << "\n"
+            << "sent          " << m->sent << "\n"
+            << "dropped       " << dropped << " (no_route " << m->dropped_no_route << ", ttl_expiry "
+            << m->dropped_ttl_expiry << ", store_full " << m->dropped_store_full << ")\n"
+            << "redelivered   " << m->redelivered << "\n"
+            << "store         " << human_bytes(m->store_bytes) << " (" << human_bytes(m->store_free_bytes)
+            << " free), limit "
+            << (m->store_limit_bytes > 0 ? human_bytes(m->store_limit_bytes) : std::string("none")) << "\n"
+            << "commits       " << m->commits << " (latency p50 " << human_micros(m->commit_p50_us) << ", p99 "
+            << human_micros(m->commit_p99_us) << ", max " << human_micros(m->commit_max_us) << ")\n\n";
+  if (m->queues.empty()) {
+    std::cout << "no queues\n";
+    return exit_ok;
+  }
+  std::vector<std::vector<std::string>> table{{"ENDPOINT", "PRIORITY", "LENGTH", "CHECKPOINT"}};
+  for (const auto& q : m->queues) {
+    table.push_back({q.endpoint, std::to_string(q.priority), std::to_string(q.length), std::to_string(q.checkpoint)});
+  }
+  print_table(table);
+  return exit_ok;
+}
+
+/// What `canopyctl send` puts in every message besides the body, and who sends it.
+struct send_template {
+  std::string device;
+  std::string module;
+  std::string output;
+  std::vector<std::pair<std::string, std::string>> properties;
+  std::string content_type;
+  std::string content_encoding;
+  std::string message_id;
+
+  message build(std::string_view body) const {
+    message_builder b;
+    b.body(body);
+    for (const auto& [key, value] : properties) b.property(key, value);
+    if (!content_type.empty()) b.content_type(content_type);
+    if (!content_encoding.empty()) b.content_encoding(content_encoding);
+    if (!message_id.empty()) b.message_id(message_id);
+    return b.build();
+  }
+};
+
+int cmd_send(control_client& client, const send_template& t, const std::string& body) {
+  auto targets = client.send(t.device, t.module, t.output, t.build(body));
+  if (!targets) return report(client, targets.err());
+  if (*targets == 0) {
+    std::cout << "matched no route\n";
+  } else {
+    std::cout << "queued to " << *targets << " endpoint(s)\n";
+  }
+  return exit_ok;
+}
+
+/// What the stdin reader of `send --stdin` shares with main (it may outlive it).
+struct stdin_feed {
+  explicit stdin_feed(std::size_t window) : feed(window) {}
+  send_feed feed;
+  std::atomic<bool> read_failed{false};
+};
+
+/// The reader thread of `send --stdin`: one message per line (a trailing CR is
+/// dropped; a last line without a newline counts), pushed into the feed, which
+/// blocks while the window is full. Ends at EOF, a read error, or when the stream ended.
+void read_stdin_lines(const std::shared_ptr<stdin_feed>& in, const send_template& t) {
+  std::string pending;
+  char buf[65536];
+  auto push_line = [&](std::string_view line) {
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    return in->feed.push(send_request{t.device, t.module, t.output, t.build(line)});
+  };
+  for (;;) {
+    auto n = ::read(STDIN_FILENO, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      std::cerr << "canopyctl: send: cannot read stdin: " << std::strerror(errno) << "\n";
+      in->read_failed = true;
+      break;
+    }
+    if (n == 0) {
+      if (!pending.empty() && !push_line(pending)) return;
+      break;
+    }
+    pending.append(buf, static_cast<std::size_t>(n));
+    std::size_t start = 0;
+    for (auto nl = pending.find('\n', start); nl != std::string::npos; nl = pending.find('\n', start)) {
+      if (!push_line(std::string_view(pending).substr(start, nl - start))) return;
+      start = nl + 1;
+    }
+    pending.erase(0, start);
+  }
+  in->feed.close();
+}
+
+/// `send --stdin`: prints "<n> ok <targets>" or "<n> error <text>" per input
+/// line n (from 1), in input order, each flushed once it and every earlier one
+/// were answered.
+int cmd_send_stdin(control_client& client, const send_template& t, std::size_t window) {
+  auto in = std::make_shared<stdin_feed>(window);
+  std::thread reader([in, t] { read_stdin_lines(in, t); });
+  std::size_t acknowledged = 0;
+  bool any_failed = false;
+  auto streamed = client.send_stream(in->feed, [&](std::size_t index, const expected<std::uint64_t>& targets) {
+    if (targets) {
+      std::cout << index + 1 << " ok " << *targets << "\n";
+    } else {
+      any_failed = true;
+      std::cout << index + 1 << " error " << one_line(targets.err().message) << "\n";
+    }
+    std::cout << std::flush;
+    ++acknowledged;
+  });
+  if (streamed) {
+    reader.join();
+    return any_failed || in->read_failed ? exit_failed : exit_ok;
+  }
+  // The reader may be blocked reading stdin: leave it (it only touches `in`, and
+  // gets refusals from the ended feed); the process ends now.
+  reader.detach();
+  std::cerr << streamed.err().message << "\n";
+  if (client.interrupted()) {
+    std::cerr << "canopyctl: send: interrupted after " << acknowledged << " acknowledged\n";
+    return exit_interrupted;
+  }
+  if (streamed.err().code == errc::unavailable) {
+    std::cerr << "canopyctl: send: connection lost after " << acknowledged << " acknowledged\n";
+  }
+  return exit_failed;
+}
+
+/// "key=value" → (key, value); the key must not be empty.
+std::optional<std::pair<std::string, std::string>> parse_property(const std::string& text) {
+  auto eq = text.find('=');
+  if (eq == std::string::npos || eq == 0) return std::nullopt;
+  return std::make_pair(text.substr(0, eq), text.substr(eq + 1));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -358,10 +573,59 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   monitor->add_option("--backlog", backlog, "first print up to N stored messages");
 
+  bool metrics_json = false;
+  auto* metrics = app.add_subcommand("metrics", "print the router's counters, the store and its queues");
+  metrics->add_flag("--json", metrics_json, "machine-readable output (keys as in node_metrics)");
+
+  send_template tmpl;
+  std::string body;
+  bool from_stdin = false;
+  std::vector<std::string> properties;
+  std::size_t window = 64;
+  auto* send = app.add_subcommand("send", "route a message as a module output or a leaf device would send it");
+  auto* device_opt = send->add_option("--device", tmpl.device, "send as leaf device ID (its telemetry)");
+  auto* module_opt = send->add_option("--module", tmpl.module, "send as module M (needs --output)");
+  auto* output_opt = send->add_option("--output", tmpl.output, "the module's output O");
+  device_opt->excludes(module_opt);
+  module_opt->needs(output_opt);
+  output_opt->needs(module_opt);
+  auto* body_opt = send->add_option("--body", body, "the message body");
+  auto* stdin_opt = send->add_flag("--stdin", from_stdin,
+                                   "one message per line of stdin; prints \"<line> ok <endpoints>\" or "
+                                   "\"<line> error <text>\" for each, in order");
+  body_opt->excludes(stdin_opt);
+  send->add_option("--property", properties, "application property key=value (repeatable)")
+      ->allow_extra_args(false);
+  send->add_option("--content-type", tmpl.content_type, "contentType system property");
+  send->add_option("--content-encoding", tmpl.content_encoding, "contentEncoding system property");
+  send->add_option("--message-id", tmpl.message_id, "messageId system property (every message with --stdin)");
+  send->add_option("--window", window, "with --stdin: most messages in flight at once")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{100000}))
+      ->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? exit_ok : exit_usage;
+  }
+
+  if (*send) {
+    if (tmpl.device.empty() && tmpl.module.empty()) {
+      std::cerr << "canopyctl: send: give the sender: --device ID, or --module M --output O\n";
+      return exit_usage;
+    }
+    if (!tmpl.module.empty() && tmpl.output.empty()) {
+      std::cerr << "canopyctl: send: --output: empty; a module sends on a named output\n";
+      return exit_usage;
+    }
+    for (const auto& text : properties) {
+      auto kv = parse_property(text);
+      if (!kv) {
+        std::cerr << "canopyctl: send: --property: expected key=value, got '" << text << "'\n";
+        return exit_usage;
+      }
+      tmpl.properties.push_back(std::move(*kv));
+    }
   }
 
   auto connected = control_client::connect(socket);
@@ -380,5 +644,7 @@ int main(int argc, char** argv) {
   if (*invoke) return cmd_invoke(client, module, method, payload, invoke_timeout);
   if (*twin) return cmd_twin(client, module);
   if (*monitor) return cmd_monitor(client, count, monitor_timeout, backlog);
+  if (*metrics) return cmd_metrics(client, metrics_json);
+  if (*send) return from_stdin ? cmd_send_stdin(client, tmpl, window) : cmd_send(client, tmpl, body);
   return exit_usage;
 }

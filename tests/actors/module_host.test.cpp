@@ -137,14 +137,42 @@ TEST_CASE("inputs reach on_message and send() goes to the router with its source
   auto a = f.spawn();
   f.wait_up();
   auto m = message_builder{}.body("hello").build();
-  (*f.self)->send(a, atoms::input::value, std::string{"in"}, m);
+  (*f.self)->send(a, atoms::input::value, std::string{"in"}, m, std::uint64_t{7});
   (*f.self)->receive([&](atoms::route_msg, const routed_message& rm) {
     CHECK(rm.module == "m");
     CHECK(rm.output == "out");
     CHECK(rm.device == "dev");
     CHECK(rm.msg.same_buffer(m));  // forwarded, not re-encoded
   }, caf::after(5s) >> [] { FAIL("nothing routed"); });
+  // The input is acknowledged to the router after on_message returned.
+  (*f.self)->receive([&](atoms::delivered, const std::string& name, std::uint64_t token) {
+    CHECK(name == "m");
+    CHECK(token == 7);
+  }, caf::after(5s) >> [] { FAIL("no acknowledgement"); });
   caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+}
+
+TEST_CASE("inputs are acknowledged cumulatively; the one that crashed the instance is not") {
+  fixture f;
+  auto a = f.spawn();
+  f.wait_up();
+  // The test module forwards input "in" as a send: tokens 1..3 handled, 4 crashes.
+  for (std::uint64_t t = 1; t <= 3; ++t)
+    (*f.self)->send(a, atoms::input::value, std::string{"in"}, message_builder{}.body("x").build(), t);
+  (*f.self)->send(a, atoms::input::value, std::string{"crash"}, message{}, std::uint64_t{4});
+  std::uint64_t acked = 0;
+  bool down = false;
+  (*f.self)->monitor(a);
+  while (!down)
+    (*f.self)->receive([&](atoms::route_msg, const routed_message&) {},
+                       [&](atoms::delivered, const std::string&, std::uint64_t token) {
+                         CHECK(token > acked);
+                         acked = token;
+                       },
+                       [&](caf::down_msg&) { down = true; },
+                       caf::after(5s) >> [&] { FAIL("no crash"); });
+  // Anything queued before the down message has arrived (same sender order).
+  CHECK(acked == 3);
 }
 
 TEST_CASE("direct methods: handlers, unknown names, bad payloads, env") {
@@ -182,7 +210,7 @@ TEST_CASE("a throwing on_message crashes the instance with the exception's text"
   fixture f;
   auto a = f.spawn();
   f.wait_up();
-  (*f.self)->send(a, atoms::input::value, std::string{"crash"}, message{});
+  (*f.self)->send(a, atoms::input::value, std::string{"crash"}, message{}, std::uint64_t{1});
   auto reason = f.wait_down(a);
   CHECK(caf::to_string(reason).find("crash requested") != std::string::npos);
 }

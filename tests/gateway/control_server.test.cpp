@@ -194,11 +194,85 @@ class fake_node final : public node_control {
     return id;
   }
 
+  void metrics(reply_fn<node_metrics> done) override {
+    worker_.post([done = std::move(done)] {
+      node_metrics m;
+      m.received = 1000;
+      m.sent = 990;
+      m.dropped_no_route = 3;
+      m.dropped_ttl_expiry = 4;
+      m.dropped_store_full = 5;
+      m.redelivered = 6;
+      m.queues.push_back(queue_metrics{"$upstream", 0, 7, 93, 100});
+      m.queues.push_back(queue_metrics{"/modules/filter/inputs/in", 9, 0, 42, 42});
+      m.store_bytes = 1 << 20;
+      m.store_free_bytes = 4096;
+      m.store_limit_bytes = 1 << 30;
+      m.commits = 77;
+      m.commit_p50_us = 310;
+      m.commit_p99_us = 2200;
+      m.commit_max_us = 9000;
+      done(std::move(m));
+    });
+  }
+
+  /// What the fake does with a sent message, by its sender:
+  /// device "full": the store's refusal; output "nowhere": no route; output
+  /// "hold": held until `hold_batch` are held, then answered in reverse order
+  /// (property fail=yes: an error); otherwise 1 endpoint for a device, 2 for a module.
+  std::size_t hold_batch = 4;
+
+  struct sent_message {
+    std::string device;
+    std::string module;
+    std::string output;
+    message msg;
+  };
+
+  void send(std::string device, std::string module, std::string output, message msg,
+            reply_fn<std::uint64_t> done) override {
+    std::vector<std::pair<message, reply_fn<std::uint64_t>>> release;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      sent_.push_back(sent_message{device, module, output, msg});
+      max_in_flight_ = std::max(max_in_flight_, ++in_flight_);
+      if (output == "hold") {
+        held_.emplace_back(msg, std::move(done));
+        if (held_.size() < hold_batch) return;
+        release.swap(held_);
+      }
+    }
+    if (!release.empty()) {
+      worker_.post([this, release = std::move(release)]() mutable {
+        for (auto it = release.rbegin(); it != release.rend(); ++it) {
+          answered();
+          if (it->first.property("fail")) {
+            it->second(make_error(errc::failed, "the router refused " + std::string(it->first.body())));
+          } else {
+            it->second(std::uint64_t{std::stoul(std::string(it->first.body()))});
+          }
+        }
+      });
+      return;
+    }
+    worker_.post([this, device, module, output, done = std::move(done)] {
+      answered();
+      if (device == "full") return done(make_error(errc::unavailable, "store full: messages.db is at its limit"));
+      if (output == "nowhere") return done(std::uint64_t{0});
+      done(std::uint64_t{module.empty() ? 1u : 2u});
+    });
+  }
+
   void unsubscribe(subscription_id id) override {
     std::lock_guard<std::mutex> lock(mutex_);
     log_subs_.erase(id);
     monitor_subs_.erase(id);
     unsubscribed_.insert(id);
+  }
+
+  void answered() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    --in_flight_;
   }
 
   /// Sends `line` to subscription `id`, if it is still subscribed.
@@ -229,6 +303,19 @@ class fake_node final : public node_control {
     std::lock_guard<std::mutex> lock(mutex_);
     return deployed_;
   }
+  std::vector<sent_message> sent() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return sent_;
+  }
+  std::size_t held() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return held_.size();
+  }
+  /// The most sends that were unanswered at once.
+  std::size_t max_in_flight() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return max_in_flight_;
+  }
 
  private:
   std::mutex mutex_;
@@ -238,6 +325,10 @@ class fake_node final : public node_control {
   std::set<subscription_id> unsubscribed_;
   std::vector<std::string> restarted_;
   std::string deployed_;
+  std::vector<sent_message> sent_;
+  std::vector<std::pair<message, reply_fn<std::uint64_t>>> held_;
+  std::size_t in_flight_ = 0;
+  std::size_t max_in_flight_ = 0;
   worker worker_;  // last: stops (joins) before the state above goes
 };
 
@@ -681,4 +772,199 @@ TEST_CASE("the socket file: parent created, stale replaced, mode 0660, others re
     CHECK(started.err().message.find("too long") != std::string::npos);
   }
   io.stop();
+}
+
+TEST_CASE("metrics round-trips with the queue list", "[control_server]") {
+  fixture f;
+  auto client = f.connect();
+  auto m = client.metrics();
+  REQUIRE(m.ok());
+  CHECK(m->received == 1000);
+  CHECK(m->sent == 990);
+  CHECK(m->dropped_no_route == 3);
+  CHECK(m->dropped_ttl_expiry == 4);
+  CHECK(m->dropped_store_full == 5);
+  CHECK(m->redelivered == 6);
+  REQUIRE(m->queues.size() == 2);
+  CHECK(m->queues[0].endpoint == "$upstream");
+  CHECK(m->queues[0].priority == 0);
+  CHECK(m->queues[0].length == 7);
+  CHECK(m->queues[0].checkpoint == 93);
+  CHECK(m->queues[0].last_seq == 100);
+  CHECK(m->queues[1].endpoint == "/modules/filter/inputs/in");
+  CHECK(m->queues[1].priority == 9);
+  CHECK(m->queues[1].length == 0);
+  CHECK(m->queues[1].checkpoint == 42);
+  CHECK(m->queues[1].last_seq == 42);
+  CHECK(m->store_bytes == 1 << 20);
+  CHECK(m->store_free_bytes == 4096);
+  CHECK(m->store_limit_bytes == 1 << 30);
+  CHECK(m->commits == 77);
+  CHECK(m->commit_p50_us == 310);
+  CHECK(m->commit_p99_us == 2200);
+  CHECK(m->commit_max_us == 9000);
+}
+
+TEST_CASE("send round-trips as a leaf device or a module output, errors included", "[control_server]") {
+  fixture f;
+  auto client = f.connect();
+  auto msg = message_builder().body("{\"t\":21.5}").property("unit", "C").content_type("application/json").build();
+
+  SECTION("a leaf device") {
+    auto targets = client.send("leaf-1", "", "", msg);
+    REQUIRE(targets.ok());
+    CHECK(*targets == 1);
+    auto sent = f.node.sent();
+    REQUIRE(sent.size() == 1);
+    CHECK(sent[0].device == "leaf-1");
+    CHECK(sent[0].module.empty());
+    CHECK(sent[0].output.empty());
+    CHECK(sent[0].msg.body() == "{\"t\":21.5}");
+    CHECK(sent[0].msg.property("unit") == std::optional<std::string_view>("C"));
+    CHECK(sent[0].msg.content_type() == "application/json");
+  }
+  SECTION("a module output") {
+    auto targets = client.send("", "sensor", "temp", msg);
+    REQUIRE(targets.ok());
+    CHECK(*targets == 2);
+    auto sent = f.node.sent();
+    REQUIRE(sent.size() == 1);
+    CHECK(sent[0].device.empty());
+    CHECK(sent[0].module == "sensor");
+    CHECK(sent[0].output == "temp");
+    CHECK(sent[0].msg.encoded() == msg.encoded());
+  }
+  SECTION("no route") {
+    auto targets = client.send("", "sensor", "nowhere", msg);
+    REQUIRE(targets.ok());
+    CHECK(*targets == 0);
+  }
+  SECTION("the node's error comes back as its code and text") {
+    auto full = client.send("full", "", "", msg);
+    REQUIRE_FALSE(full.ok());
+    CHECK(full.err().code == errc::unavailable);
+    CHECK(full.err().message == "store full: messages.db is at its limit");
+  }
+  SECTION("a sender is required") {
+    auto nobody = client.send("", "", "temp", msg);
+    REQUIRE_FALSE(nobody.ok());
+    CHECK(nobody.err().code == errc::invalid_argument);
+    CHECK(nobody.err().message == "send: no sender: give a device or a module");
+    CHECK(f.node.sent().empty());
+  }
+}
+
+TEST_CASE("send refuses message bytes that do not decode", "[control_server]") {
+  fixture f;
+  auto io = kj::setupAsyncIo();
+  auto addr = io.provider->getNetwork().parseAddress("unix:" + f.socket).wait(io.waitScope);
+  auto stream = addr->connect().wait(io.waitScope);
+  capnp::TwoPartyClient rpc(*stream);
+  auto control = rpc.bootstrap().castAs<schema::Control>();
+
+  for (std::string bytes : {std::string(), std::string("not a message"), std::string(64, '\xff')}) {
+    auto req = control.sendRequest();
+    req.setModule("sensor");
+    req.setOutput("temp");
+    req.setMessage(kj::arrayPtr(reinterpret_cast<const kj::byte*>(bytes.data()), bytes.size()));
+    auto response = req.send().wait(io.waitScope);
+    CHECK(response.getStatus().getCode() == schema::ErrorCode::INVALID_ARGUMENT);
+    CHECK(std::string(response.getStatus().getMessage()) ==
+          "send: message: " + std::to_string(bytes.size()) +
+              " bytes that do not decode as a canopy message (expected canopy::message::encoded())");
+  }
+  CHECK(f.node.sent().empty());
+  // The connection stays usable.
+  auto ok = control.metricsRequest().send().wait(io.waitScope);
+  CHECK(ok.getStatus().getCode() == schema::ErrorCode::OK);
+}
+
+TEST_CASE("send_stream pipelines up to the window and reports answers in order", "[control_server]") {
+  fixture f;
+  auto client = f.connect();
+  constexpr std::size_t window = 4;
+  f.node.hold_batch = window;  // answers only once `window` are in flight, last first
+
+  send_feed feed(window);
+  std::atomic<int> pushed{0};
+  std::atomic<bool> refused_after_close{false};
+  std::thread producer([&] {  // no Catch2 assertions off the main thread
+    for (int i = 0; i < 8; ++i) {
+      auto b = message_builder();
+      b.body(std::to_string(10 + i));
+      if (i == 5) b.property("fail", "yes");
+      if (feed.push(send_request{"", "sensor", "hold", b.build()})) ++pushed;
+    }
+    feed.close();
+    refused_after_close = !feed.push(send_request{"", "sensor", "hold", message()});
+  });
+  std::vector<std::size_t> order;
+  std::vector<std::string> outcomes;
+  auto n = client.send_stream(feed, [&](std::size_t index, const expected<std::uint64_t>& targets) {
+    order.push_back(index);
+    outcomes.push_back(targets ? std::to_string(*targets) : "error " + targets.err().message);
+  });
+  producer.join();
+  CHECK(pushed.load() == 8);
+  CHECK(refused_after_close.load());
+  REQUIRE(n.ok());
+  CHECK(*n == 8);
+  CHECK(order == std::vector<std::size_t>{0, 1, 2, 3, 4, 5, 6, 7});
+  CHECK(outcomes == std::vector<std::string>{"10", "11", "12", "13", "14", "error the router refused 15", "16", "17"});
+  CHECK(f.node.max_in_flight() == window);  // never more, and all of it used
+  CHECK(feed.ended());
+
+  // The connection is reused afterwards.
+  CHECK(client.send("leaf", "", "", message_builder().body("x").build()).ok());
+}
+
+TEST_CASE("send_stream ends when the connection breaks, reporting only what was answered", "[control_server]") {
+  fixture f;
+  auto client = f.connect();
+  f.node.hold_batch = 100;  // the held ones are never answered
+
+  auto feed = std::make_shared<send_feed>(8);
+  REQUIRE(feed->push(send_request{"leaf", "", "", message_builder().body("1").build()}));
+  REQUIRE(feed->push(send_request{"", "sensor", "hold", message_builder().body("2").build()}));
+  REQUIRE(feed->push(send_request{"", "sensor", "hold", message_builder().body("3").build()}));
+  std::atomic<bool> held{false};
+  std::thread breaker([&f, &held] {
+    held = eventually([&f] { return f.node.held() == 2; });
+    f.server.stop();
+  });
+  std::vector<std::size_t> reported;
+  auto n = client.send_stream(*feed, [&](std::size_t index, const expected<std::uint64_t>& targets) {
+    CHECK(targets.ok());
+    reported.push_back(index);
+  });
+  breaker.join();
+  CHECK(held.load());
+  REQUIRE_FALSE(n.ok());
+  CHECK(n.err().code == errc::unavailable);
+  CHECK(n.err().message.find("lost the connection to the canopy node at " + f.socket) == 0);
+  CHECK(reported == std::vector<std::size_t>{0});
+  CHECK(feed->ended());
+  CHECK_FALSE(feed->push(send_request{"leaf", "", "", message()}));  // refused, never blocks
+}
+
+TEST_CASE("send_stream waiting for input notices the connection's loss", "[control_server]") {
+  fixture f;
+  auto client = f.connect();
+  send_feed feed(4);  // the producer sends nothing and never closes
+  REQUIRE(feed.push(send_request{"leaf", "", "", message_builder().body("1").build()}));
+  std::atomic<bool> answered{false};
+  std::thread breaker([&] {
+    eventually([&] { return answered.load(); });
+    f.server.stop();
+  });
+  std::size_t reported = 0;
+  auto n = client.send_stream(feed, [&](std::size_t, const expected<std::uint64_t>&) {
+    ++reported;
+    answered = true;
+  });
+  breaker.join();
+  REQUIRE_FALSE(n.ok());
+  CHECK(n.err().code == errc::unavailable);
+  CHECK(reported == 1);
+  CHECK(feed.ended());
 }

@@ -82,7 +82,8 @@ std::string temp_dir::file(std::string_view name) const {
 // --- child_process ----------------------------------------------------------
 
 child_process::child_process(const std::vector<std::string>& argv,
-                             const std::map<std::string, std::string>& env) {
+                             const std::map<std::string, std::string>& env,
+                             const std::string& stdin_path) {
   if (argv.empty())
     throw std::runtime_error{"child_process: empty argv"};
   out_fd_ = ::memfd_create("child-output", MFD_CLOEXEC);
@@ -91,7 +92,8 @@ child_process::child_process(const std::vector<std::string>& argv,
 
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 0, stdin_path.empty() ? "/dev/null" : stdin_path.c_str(),
+                                   O_RDONLY, 0);
   posix_spawn_file_actions_adddup2(&actions, out_fd_, 1);
   posix_spawn_file_actions_adddup2(&actions, out_fd_, 2);
 

@@ -66,11 +66,12 @@ class child_process {
  public:
   /// Starts argv[0] (an absolute or PATH-less relative path: no PATH search)
   /// with argv, the current environment plus `env` (entries override
-  /// variables of the same name), stdin from /dev/null, and the default
-  /// signal dispositions and an empty signal mask. Throws std::runtime_error
-  /// when the process cannot be spawned.
+  /// variables of the same name), stdin from `stdin_path` (default
+  /// /dev/null), and the default signal dispositions and an empty signal
+  /// mask. Throws std::runtime_error when the process cannot be spawned.
   child_process(const std::vector<std::string>& argv,
-                const std::map<std::string, std::string>& env = {});
+                const std::map<std::string, std::string>& env = {},
+                const std::string& stdin_path = {});
   ~child_process();
   child_process(child_process&& other) noexcept;
   child_process& operator=(child_process&& other) noexcept;

@@ -538,6 +538,51 @@ TEST_CASE("message_store: expire() drops expired rows from lanes nobody reads", 
   CHECK(*again == 0);
 }
 
+TEST_CASE("message_store: expire() leaves the rows before a caller's cursor alone", "[message_store]") {
+  temp_dir tmp;
+  manual_clock clk;
+  message_store_options opts;
+  opts.wall_clock = &clk;
+  auto s = open_ok(tmp.path, opts);
+  append_ok(*s, entries(10, {{"held", 0, 5s}}));
+  append_ok(*s, entries(4, {{"free", 0, 5s}}));
+  clk.advance(6s);
+  // Rows 1..6 of "held" are in the caller's memory window: not touched.
+  auto n = s->expire(100000, [](std::string_view ep, int) -> std::int64_t { return ep == "held" ? 6 : 0; });
+  REQUIRE(n.ok());
+  CHECK(*n == 4 + 4);
+  CHECK(s->queue_length("held", 0) == 6);
+  CHECK(s->queue_length("free", 0) == 0);
+}
+
+TEST_CASE("message_store: delivery marks are persisted with the checkpoints, never move back",
+          "[message_store]") {
+  temp_dir tmp;
+  {
+    auto s = open_ok(tmp.path);
+    append_ok(*s, entries(10, {to_a}));
+    CHECK(s->last_seq(to_a.endpoint, 0) == 10);
+    CHECK(s->last_seq("nobody", 0) == 0);
+    const lane_ack acks[] = {{to_a.endpoint, 0, 2}};
+    const lane_ack marks[] = {{to_a.endpoint, 0, 7}};
+    REQUIRE(s->ack_many(acks, marks).ok());
+    CHECK(s->delivered_mark(to_a.endpoint, 0) == 7);
+    const lane_ack lower[] = {{to_a.endpoint, 0, 5}};
+    REQUIRE(s->ack_many({}, lower).ok());
+    CHECK(s->delivered_mark(to_a.endpoint, 0) == 7);
+    const lane_ack past[] = {{to_a.endpoint, 0, 11}};
+    auto bad = s->ack_many({}, past);
+    REQUIRE_FALSE(bad.ok());
+    CHECK_THAT(bad.err().message, Catch::Contains("delivered mark 0"));
+  }
+  auto s = open_ok(tmp.path);
+  CHECK(s->delivered_mark(to_a.endpoint, 0) == 7);
+  CHECK(s->checkpoint(to_a.endpoint, 0) == 2);
+  auto lanes = s->lanes();
+  REQUIRE(lanes.size() == 1);
+  CHECK(lanes[0].delivered == 7);
+}
+
 // -- size limit ------------------------------------------------------------------
 
 TEST_CASE("message_store: a full store refuses a batch whole, with a clear error",

@@ -42,7 +42,7 @@ TEST_CASE("$upstream messages are stored in order, and an orderly stop writes wh
   (*f.self)->monitor(a);
   // Many messages, then the stop right behind them in the same mailbox.
   for (int i = 0; i < 5000; ++i)
-    (*f.self)->send(a, atoms::route_msg::value, upstream_msg(i));
+    (*f.self)->send(a, atoms::route_msg::value, upstream_msg(i), std::uint64_t(i + 1));
   (*f.self)->send_exit(a, caf::exit_reason::user_shutdown);
   (*f.self)->receive([](caf::down_msg&) {}, caf::after(10s) >> [] { FAIL("the store actor did not stop"); });
   store.reset();
@@ -56,12 +56,34 @@ TEST_CASE("$upstream messages are stored in order, and an orderly stop writes wh
   }
 }
 
+TEST_CASE("$upstream messages are acknowledged to their router after the commit that holds them") {
+  fixture f;
+  auto store = f.open();
+  auto a = spawn_store_actor(*f.sys, store, f.clk);
+  for (int i = 0; i < 100; ++i)
+    (*f.self)->send(a, atoms::route_msg::value, upstream_msg(i), std::uint64_t(i + 1));
+  std::uint64_t acked = 0;
+  while (acked < 100)
+    (*f.self)->receive(
+      [&](atoms::delivered, const std::string& rcv, std::uint64_t token) {
+        CHECK(rcv == "$upstream");
+        CHECK(token > acked);
+        acked = token;
+        // Everything acknowledged is in the file.
+        auto last = store->last_upstream_seq();
+        REQUIRE(last.ok());
+        CHECK(*last >= static_cast<std::int64_t>(token));
+      },
+      caf::after(5s) >> [&] { FAIL("no acknowledgement"); });
+  caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+}
+
 TEST_CASE("monitor subscribers get the newest backlog, then new messages") {
   fixture f;
   auto store = f.open();
   auto a = spawn_store_actor(*f.sys, store, f.clk);
   for (int i = 0; i < 10; ++i)
-    (*f.self)->send(a, atoms::route_msg::value, upstream_msg(i));
+    (*f.self)->send(a, atoms::route_msg::value, upstream_msg(i), std::uint64_t(i + 1));
   auto got = std::make_shared<std::vector<std::string>>();
   auto mtx = std::make_shared<std::mutex>();
   auto cb = std::make_shared<std::function<void(upstream_record)>>([got, mtx](upstream_record r) {
@@ -70,7 +92,7 @@ TEST_CASE("monitor subscribers get the newest backlog, then new messages") {
   });
   (*f.self)->send(a, atoms::subscribe::value, std::uint64_t{1}, std::int64_t{0}, std::uint64_t{3},
                   upstream_callback{cb});
-  (*f.self)->send(a, atoms::route_msg::value, upstream_msg(10));
+  (*f.self)->send(a, atoms::route_msg::value, upstream_msg(10), std::uint64_t{11});
   for (int i = 0; i < 500; ++i) {
     {
       std::lock_guard<std::mutex> g{*mtx};
