@@ -198,6 +198,7 @@ caf::behavior module_host_impl(host_actor* self, module_host_config cfg) {
         st.cfg.logger->error("module crashed: {}", text);
         auto rp = self->make_response_promise<int, std::string>();
         rp.deliver(500, json{{"error", text}}.dump());
+        send_ack(self);  // inputs handled before the crash are done
         self->quit(caf::make_error(caf::sec::runtime_error, text));
         return rp;
       }

@@ -33,6 +33,7 @@ using stats = caf::atom_constant<caf::atom("stats")>;
 using inject = caf::atom_constant<caf::atom("inject")>;
 using delivered = caf::atom_constant<caf::atom("delivered")>;
 using nack = caf::atom_constant<caf::atom("nack")>;
+using resume = caf::atom_constant<caf::atom("resume")>;
 
 // agent (runtime/agent.hpp) and control
 using deploy = caf::atom_constant<caf::atom("deploy")>;

@@ -71,7 +71,6 @@ CREATE TABLE lanes (
   priority    INTEGER NOT NULL,
   last_seq    INTEGER NOT NULL,
   acked_seq   INTEGER NOT NULL,
-  delivered_seq INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (endpoint_id, priority)) WITHOUT ROWID;
 CREATE TABLE messages (
   id            INTEGER PRIMARY KEY,
@@ -89,6 +88,10 @@ CREATE TABLE queue (
   message_id  INTEGER NOT NULL,
   expiry_ms   INTEGER NOT NULL,
   PRIMARY KEY (endpoint_id, priority, seq)) WITHOUT ROWID;
+)sql"},
+  // Delivery marks (the highest seq handed to a lane's receiver).
+  {2, R"sql(
+ALTER TABLE lanes ADD COLUMN delivered_seq INTEGER NOT NULL DEFAULT 0;
 )sql"},
 };
 

@@ -177,7 +177,7 @@ struct message_store_options {
 class message_store {
  public:
   /// Schema version this build writes (PRAGMA user_version after open()).
-  static constexpr int current_schema_version = 1;
+  static constexpr int current_schema_version = 2;
   /// File name open() uses inside the data directory.
   static constexpr const char* file_name = "messages.db";
   /// Highest (lowest-urgency) priority; 0 is the most urgent.

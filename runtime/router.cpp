@@ -68,7 +68,7 @@ struct lane {
   std::int64_t mark = 0;         ///< persisted delivery mark
   std::int64_t want_mark = 0;    ///< mark to persist at the next commit
   std::int64_t restart_mark = 0; ///< the mark found at start: seqs <= it were handed before
-  std::int64_t uncommitted = 0;  ///< targets waiting in the batch (not yet written)
+  std::int64_t mem_bytes = 0;    ///< encoded bytes held in the window
   int passed = 0;                ///< times passed over for a more urgent lane, in a row
 };
 
@@ -103,7 +103,7 @@ struct pending_msg {
 };
 
 struct waiting_sender {
-  caf::response_promise promise;
+  caf::typed_response_promise<std::uint64_t> promise;
   std::uint64_t targets;
 };
 
@@ -118,6 +118,8 @@ struct router_state {
   std::vector<waiting_sender> waiting;
   bool flush_scheduled = false;
   bool refill_wanted = false;
+  bool store_failing = false;        ///< the last append failed (not "full"): retrying
+  std::uint64_t dropped_failing = 0; ///< messages given up after the store kept failing
   std::uint64_t next_token = 0;
   node_metrics counters;             ///< received, sent, no_route, redelivered, mem ttl drops
   std::uint64_t store_errors_logged = 0;
@@ -168,11 +170,14 @@ receiver& receiver_of(router_state& st, const std::string& name) {
 }
 
 lane* lane_of(router_state& st, const std::string& endpoint, int priority) {
+  auto it = st.lanes.find({endpoint, priority});
+  if (it != st.lanes.end())
+    return it->second.get();
+  std::string rname, input;
+  if (!parse_endpoint(endpoint, rname, input))
+    return nullptr;
   auto& l = st.lanes[{endpoint, priority}];
-  if (!l) {
-    std::string rname, input;
-    if (!parse_endpoint(endpoint, rname, input))
-      return nullptr;
+  {
     l = std::make_unique<lane>();
     l->endpoint = endpoint;
     l->input = input;
@@ -188,6 +193,34 @@ lane* lane_of(router_state& st, const std::string& endpoint, int priority) {
 
 void schedule_flush(router_actor* self, bool soon);
 
+/// True if `l` has room for a new message in its window.
+bool window_has_room(const router_state& st, const lane& l) {
+  return l.mem.size() < st.cfg.lane_window && l.mem_bytes < st.cfg.lane_window_bytes;
+}
+
+/// True if a spilled lane's window has drained enough to read the next part.
+bool wants_refill(const router_state& st, const lane& l) {
+  return l.spilled && l.mem.size() <= st.cfg.lane_window / 2 &&
+         l.mem_bytes <= st.cfg.lane_window_bytes / 2;
+}
+
+/// The highest stored seq of `l` its receiver's free slots can take now: the
+/// delivery mark to persist before handing those over.
+std::int64_t mark_target(const router_state& st, const lane& l) {
+  std::size_t free = st.cfg.receiver_window > l.rcv->out.size()
+                       ? st.cfg.receiver_window - l.rcv->out.size()
+                       : 0;
+  std::int64_t target = 0;
+  for (std::size_t i = l.handed; i < l.mem.size() && free > 0; ++i) {
+    const entry& e = l.mem[i];
+    if (e.done || e.token != 0)
+      continue;
+    --free;
+    target = std::max(target, e.seq);
+  }
+  return target;
+}
+
 /// Pops acknowledged/expired entries from the front of the window; committed
 /// ones move the checkpoint to persist.
 void pop_done(router_actor* self, lane& l) {
@@ -195,6 +228,8 @@ void pop_done(router_actor* self, lane& l) {
   while (!l.mem.empty() && l.mem.front().done) {
     if (l.mem.front().seq > 0)
       l.ack_seq = std::max(l.ack_seq, l.mem.front().seq);
+    if (l.mem.front().rm)
+      l.mem_bytes -= static_cast<std::int64_t>(l.mem.front().rm->msg.encoded_size());
     l.mem.pop_front();
     ++l.front_pos;
     if (l.handed > 0)
@@ -205,15 +240,18 @@ void pop_done(router_actor* self, lane& l) {
     return;
   if (l.ack_seq > l.checkpoint)
     schedule_flush(self, false);
-  if (l.spilled && l.mem.size() <= self->state.cfg.lane_window / 2) {
+  if (wants_refill(self->state, l)) {
     self->state.refill_wanted = true;
     schedule_flush(self, true);
   }
 }
 
 /// The next entry of `l` to hand over, or null; skips (and counts) expired ones.
-/// A stored entry beyond the persisted delivery mark waits for the mark.
-entry* next_entry(router_actor* self, lane& l, std::int64_t now) {
+/// A stored entry beyond the persisted delivery mark must wait for the mark:
+/// then `*blocked` is set (the entry is returned all the same, so that the
+/// lane keeps its place in the priority order).
+entry* next_entry(router_actor* self, lane& l, std::int64_t now, bool* blocked) {
+  *blocked = false;
   auto& st = self->state;
   while (l.handed < l.mem.size()) {
     entry& e = l.mem[l.handed];
@@ -228,14 +266,10 @@ entry* next_entry(router_actor* self, lane& l, std::int64_t now) {
       continue;
     }
     if (e.seq > 0 && e.seq > l.mark) {
-      // Persist a mark covering the stored part of the window first.
-      for (auto it = l.mem.rbegin(); it != l.mem.rend(); ++it)
-        if (it->seq > 0) {
-          l.want_mark = std::max(l.want_mark, it->seq);
-          break;
-        }
+      // Persist a mark covering what can be handed over now, first.
+      l.want_mark = std::max(l.want_mark, mark_target(st, l));
       schedule_flush(self, true);
-      return nullptr;
+      *blocked = true;
     }
     return &e;
   }
@@ -252,13 +286,16 @@ void pump(router_actor* self, receiver& r) {
   while (r.out.size() < st.cfg.receiver_window) {
     lane* chosen = nullptr;
     entry* chosen_e = nullptr;
+    bool chosen_blocked = false;
     for (lane* l : r.lanes) {
-      entry* e = next_entry(self, *l, now);
+      bool blocked = false;
+      entry* e = next_entry(self, *l, now, &blocked);
       if (e == nullptr)
         continue;
       if (chosen == nullptr) {
         chosen = l;
         chosen_e = e;
+        chosen_blocked = blocked;
         continue;
       }
       // A starved lane goes first; among equals (same priority, or both
@@ -275,9 +312,12 @@ void pump(router_actor* self, receiver& r) {
       if (better) {
         chosen = l;
         chosen_e = e;
+        chosen_blocked = blocked;
       }
     }
-    if (chosen == nullptr)
+    // Nothing to hand over, or the lane whose turn it is waits for its mark
+    // (the flush that writes it pumps again).
+    if (chosen == nullptr || chosen_blocked)
       break;
     for (lane* l : r.lanes)
       if (l != chosen && l->handed < l->mem.size())
@@ -320,44 +360,58 @@ void log_store_error(router_actor* self, const std::string& what, const error& e
                   st.store_errors_logged);
 }
 
-/// Reads the next window of a spilled lane from the store.
+/// Commits again after a pause (the store failed).
+void retry_later(router_actor* self) {
+  auto& st = self->state;
+  st.refill_wanted = true;
+  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
+  st.cfg.clk->call_after(std::chrono::seconds{1}, [weak] {
+    if (auto a = caf::actor_cast<caf::actor>(weak.lock()))
+      caf::anon_send(a, atoms::flush::value);
+  });
+}
+
+/// Reads the next part of a spilled lane from the store into its window (in
+/// chunks, so that large messages stay within the window's byte budget).
 void refill(router_actor* self, lane& l) {
   auto& st = self->state;
-  if (!l.spilled || l.mem.size() > st.cfg.lane_window / 2)
+  if (!wants_refill(st, l))
     return;
-  const std::size_t room = st.cfg.lane_window - l.mem.size();
-  auto rows = st.cfg.store->read(l.endpoint, l.priority, l.read_cursor, room);
-  if (!rows) {
-    log_store_error(self, "reading " + l.endpoint, rows.err());
-    return;
-  }
-  for (auto& q : *rows) {
-    l.read_cursor = q.seq;
-    auto msg = q.decode();
-    if (!msg) {
-      // A stored message that no longer decodes can never be delivered: it is
-      // skipped (and the checkpoint moves past it) rather than blocking its lane.
-      log_store_error(self, "skipping a message of " + l.endpoint, msg.err());
+  constexpr std::size_t chunk = 100;
+  while (l.spilled && window_has_room(st, l)) {
+    const std::size_t want = std::min(chunk, st.cfg.lane_window - l.mem.size());
+    auto rows = st.cfg.store->read(l.endpoint, l.priority, l.read_cursor, want);
+    if (!rows) {
+      log_store_error(self, "reading " + l.endpoint, rows.err());
+      retry_later(self);
+      break;
+    }
+    for (auto& q : *rows) {
+      l.read_cursor = q.seq;
+      auto msg = q.decode();
       entry e;
       e.seq = q.seq;
-      e.done = true;
+      if (!msg) {
+        // A stored message that no longer decodes can never be delivered: it
+        // is skipped (the checkpoint moves past it) rather than blocking its lane.
+        log_store_error(self, "skipping a message of " + l.endpoint, msg.err());
+        e.done = true;
+        l.mem.push_back(std::move(e));
+        continue;
+      }
+      l.mem_bytes += static_cast<std::int64_t>(msg->encoded_size());
+      e.rm = std::make_shared<const routed_message>(
+        routed_message{std::move(*msg), q.source_device, q.source_module, q.source_output});
+      e.expiry_ms = q.expiry_ms;
+      e.handed_before = q.seq <= l.restart_mark;
       l.mem.push_back(std::move(e));
-      continue;
     }
-    entry e;
-    e.rm = std::make_shared<const routed_message>(
-      routed_message{std::move(*msg), q.source_device, q.source_module, q.source_output});
-    e.seq = q.seq;
-    e.expiry_ms = q.expiry_ms;
-    e.handed_before = q.seq <= l.restart_mark;
-    l.mem.push_back(std::move(e));
+    if (rows->size() < want)
+      l.spilled = false;
   }
-  if (rows->size() < room)
-    l.spilled = false;
-  // The receiver is about to get this window: one mark covers it, written with
-  // the checkpoints of this commit.
-  if (l.read_cursor > l.mark)
-    l.want_mark = std::max(l.want_mark, l.read_cursor);
+  // The receiver is about to get part of this window: the mark covering it is
+  // written with the checkpoints of this commit.
+  l.want_mark = std::max(l.want_mark, mark_target(st, l));
   pop_done(self, l);
 }
 
@@ -378,7 +432,6 @@ void flush(router_actor* self) {
     const std::size_t before = flat.size();
     for (std::size_t k = pm.first; k < pm.first + pm.count; ++k) {
       const auto& t = st.targets[k];
-      --t.l->uncommitted;
       if (t.in_mem && (t.pos < t.l->front_pos || t.l->mem[t.pos - t.l->front_pos].done))
         continue;
       flat.push_back(route_target{t.l->endpoint, t.l->priority, t.ttl});
@@ -397,6 +450,18 @@ void flush(router_actor* self) {
     for (const auto* t : written)
       next_seq.emplace(t->l, store.last_seq(t->l->endpoint, t->l->priority));
     auto r = store.append(entries);
+    if (!r && r.err().code != errc::unavailable && st.batch.size() < 4 * st.cfg.commit_batch) {
+      // The store failed (not "full"): keep the batch and try again shortly.
+      // Checkpoints wait too, so that no input's checkpoint passes the outputs
+      // its module sent before acknowledging it.
+      if (!st.store_failing)
+        log_store_error(self, "storing " + std::to_string(entries.size()) + " message(s), will retry",
+                        r.err());
+      st.store_failing = true;
+      retry_later(self);
+      return;
+    }
+    st.store_failing = false;
     if (r) {
       for (const auto* t : written) {
         const std::int64_t seq = ++next_seq[t->l];
@@ -415,7 +480,10 @@ void flush(router_actor* self) {
       append_ok = false;
       append_err = std::move(r).err();
       log_store_error(self, "storing " + std::to_string(entries.size()) + " message(s)", append_err);
-      // Refused: what was not handed over yet is dropped (it was never stored).
+      // Full (the store counted the batch as store_full), or failing for too
+      // long (counted here): refused; what was not handed over yet is dropped.
+      if (append_err.code != errc::unavailable)
+        st.dropped_failing += entries.size();
       for (const auto* t : written) {
         if (!t->in_mem || t->pos < t->l->front_pos)
           continue;
@@ -474,7 +542,7 @@ void flush(router_actor* self) {
 
 void schedule_flush(router_actor* self, bool soon) {
   auto& st = self->state;
-  if (st.flush_scheduled)
+  if (st.flush_scheduled || st.store_failing)  // a failing store retries on its own timer
     return;
   st.flush_scheduled = true;
   if (soon || st.cfg.commit_interval.count() == 0)
@@ -486,7 +554,8 @@ void schedule_flush(router_actor* self, bool soon) {
 /// Routes one message: finds its lanes, puts it in their windows (handing it
 /// over at once where the receiver has room) and in the commit batch.
 /// Returns the number of targets.
-std::uint64_t enqueue(router_actor* self, routed_message&& in) {
+std::uint64_t enqueue(router_actor* self, routed_message&& in,
+                      caf::typed_response_promise<std::uint64_t>* waiter) {
   auto& st = self->state;
   ++st.counters.received;
   const auto src = in.source();
@@ -525,9 +594,10 @@ std::uint64_t enqueue(router_actor* self, routed_message&& in) {
     lane& l = i < n ? *found[i] : *more[i - n].first;
     const auto ttl = i < n ? ttls[i] : more[i - n].second;
     pending_target t{&l, 0, false, ttl};
-    if (!l.spilled && l.mem.size() < st.cfg.lane_window) {
+    if (!l.spilled && window_has_room(st, l)) {
       entry e;
       e.rm = rm;
+      l.mem_bytes += static_cast<std::int64_t>(rm->msg.encoded_size());
       e.expiry_ms = expiry_for(st, ttl);
       t.pos = l.front_pos + l.mem.size();
       t.in_mem = true;
@@ -535,16 +605,19 @@ std::uint64_t enqueue(router_actor* self, routed_message&& in) {
     } else {
       l.spilled = true;
     }
-    ++l.uncommitted;
     st.targets.push_back(t);
   }
   st.batch.push_back({std::move(rm), first, total});
+  // Answered by the flush that commits this batch (possibly the one below).
+  if (waiter != nullptr)
+    st.waiting.push_back({*waiter, total});
   for (std::size_t i = 0; i < total; ++i) {
     const pending_target& t = st.targets[first + i];
     if (t.in_mem)
       pump(self, *t.l->rcv);
   }
-  if (st.batch.size() >= st.cfg.commit_batch)
+  if (st.batch.size() >= st.cfg.commit_batch &&
+      (!st.store_failing || st.batch.size() >= 4 * st.cfg.commit_batch))
     flush(self);
   else
     schedule_flush(self, false);
@@ -570,9 +643,10 @@ void acknowledge(router_actor* self, receiver& r, std::uint64_t token) {
       last = o.l;
     }
   }
-  if (last != nullptr)
+  if (last != nullptr) {
     pop_done(self, *last);
-  r.retry_attempt = 0;
+    r.retry_attempt = 0;
+  }
   pump(self, r);
 }
 
@@ -612,7 +686,7 @@ node_metrics metrics_of(router_actor* self) {
   node_metrics m = st.counters;
   const auto& c = store.counters();
   m.dropped_ttl_expiry += static_cast<std::uint64_t>(c.dropped_ttl_expiry);
-  m.dropped_store_full = static_cast<std::uint64_t>(c.dropped_store_full);
+  m.dropped_store_full = static_cast<std::uint64_t>(c.dropped_store_full) + st.dropped_failing;
   m.commits = static_cast<std::uint64_t>(c.commits);
   // After the flush every undelivered message is either stored or in a window.
   for (auto& ls : store.lanes()) {
@@ -698,16 +772,11 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
     self->quit(em.reason);
   });
   return {
-    [self](atoms::route_msg, routed_message& rm) { enqueue(self, std::move(rm)); },
+    [self](atoms::route_msg, routed_message& rm) { enqueue(self, std::move(rm), nullptr); },
     [self](atoms::inject, routed_message& rm) -> caf::result<std::uint64_t> {
       auto rp = self->make_response_promise<std::uint64_t>();
-      const auto n = enqueue(self, std::move(rm));
-      if (n == 0) {
+      if (enqueue(self, std::move(rm), &rp) == 0)
         rp.deliver(std::uint64_t{0});
-        return rp;
-      }
-      self->state.waiting.push_back({rp, n});
-      schedule_flush(self, false);
       return rp;
     },
     [self](atoms::set_routes, route_table& routes) { self->state.routes = std::move(routes); },
@@ -738,9 +807,12 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
       if (it == st.receivers.end())
         return;
       auto& r = *it->second;
-      if (!r.instance || r.instance.address() != self->current_sender())
+      if (!r.instance || r.instance.address() != self->current_sender() || r.retry_wait)
         return;
       reset_outstanding(r);
+      // Whatever it still has from us is stale: the marker tells it where the
+      // stale part ends (same sender, so it arrives after all of it).
+      self->send(r.instance, atoms::resume::value);
       r.retry_wait = true;
       auto delay = st.cfg.retry_base * (std::int64_t{1} << std::min(r.retry_attempt, 20));
       delay = std::min(delay, st.cfg.retry_cap);

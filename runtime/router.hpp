@@ -15,7 +15,10 @@
 //   (delivered, std::string receiver, uint64 token)   receiver acknowledges every delivery
 //                                               up to `token` (cumulative)
 //   (nack, std::string receiver)                receiver could not take its outstanding
-//                                               deliveries: retried after a backoff
+//                                               deliveries: the router sends it (resume) —
+//                                               it drops what it gets from the router
+//                                               until then — and hands them over again
+//                                               after a backoff
 //   (stats) -> node_metrics
 //
 // Delivery to a module instance is (input, std::string input_name, message,
@@ -113,6 +116,7 @@ struct router_config {
   /// TTL of messages waiting in memory, retry backoff, expiry sweeps; required.
   clock* clk = nullptr;
   std::size_t lane_window = 1000;         ///< messages of one lane held in memory
+  std::int64_t lane_window_bytes = 16 << 20;  ///< and at most this many encoded bytes
   std::size_t receiver_window = 1000;     ///< unacknowledged deliveries per receiver
   std::size_t commit_batch = 4096;        ///< commit at once when this many wait
   std::chrono::microseconds commit_interval{2000};  ///< longest wait before a commit

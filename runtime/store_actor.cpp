@@ -18,6 +18,7 @@ struct store_state {
   caf::actor router;             ///< who handed over the batch (acknowledged after the commit)
   std::uint64_t last_token = 0;  ///< token of the batch's last message
   bool flush_pending = false;
+  bool discarding = false;       ///< after a failed write, until the router's (resume)
   std::map<std::uint64_t, upstream_callback> subscribers;
   std::uint64_t appended = 0;
   static inline const char* name = "canopy.store";
@@ -45,6 +46,9 @@ void flush(store_actor* self) {
     // after a backoff (a busy or full disk may recover).
     log_failure("storing $upstream messages", seqs.err());
     st.batch.clear();
+    // What the router sent after the failed batch is stale too: it hands
+    // everything over again, in order, after (resume).
+    st.discarding = true;
     if (st.router)
       self->send(st.router, atoms::nack::value, std::string{upstream_endpoint});
     return;
@@ -103,7 +107,10 @@ caf::behavior store_impl(store_actor* self, std::shared_ptr<node_store> store, c
       if (sender != st.router) {
         flush(self);  // acknowledges the previous router's batch (or nacks)
         st.router = sender;
+        st.discarding = false;
       }
+      if (st.discarding)
+        return;
       st.batch.push_back(std::move(rm));
       st.last_token = token;
       // Group commit: everything that arrives before the flush message is
@@ -116,6 +123,7 @@ caf::behavior store_impl(store_actor* self, std::shared_ptr<node_store> store, c
         flush(self);
     },
     [self](atoms::flush) { flush(self); },
+    [self](atoms::resume) { self->state.discarding = false; },
     [self](atoms::subscribe, std::uint64_t id, std::int64_t after_seq, std::uint64_t backlog,
            upstream_callback& cb) {
       auto& st = self->state;
