@@ -4,7 +4,7 @@
 // of a plain CAF spawn + first message measured in the same run.
 //   RESULT bench-restart p50_us=... p99_us=... spawn_us=... ratio=... (ratio = p50 / spawn)
 #include "actors/module_host.hpp"
-#include "bench/bench_common.hpp"
+#include "bench/bench_router.hpp"
 #include "runtime/atoms.hpp"
 #include "runtime/clock.hpp"
 #include "runtime/router.hpp"
@@ -95,20 +95,12 @@ int main(int argc, char** argv) {
   system_clock clk;
   caf::scoped_actor self{sys};
 
-  // $upstream of this little node is the benchmark itself.
-  router_config rc;
-  rc.upstream = caf::actor{self};
-  auto router = spawn_router(sys, rc);
-  auto r = route::compile("r", "FROM /messages/modules/crasher/outputs/pong INTO $upstream");
-  caf::anon_send(router, atoms::set_routes::value,
-                 route_table{std::make_shared<const std::vector<route>>(std::vector<route>{*r})});
   auto logger = std::make_shared<spdlog::logger>("bench", std::make_shared<spdlog::sinks::null_sink_mt>());
 
   module_host_config hc;
   hc.name = "crasher";
   hc.device_id = "bench";
   hc.type = std::make_shared<const module_type>("builtin:crasher", crasher_descriptor(), nullptr);
-  hc.router = router;
   hc.logger = logger;
   child_spec spec;
   spec.id = "crasher";
@@ -117,7 +109,6 @@ int main(int argc, char** argv) {
   // Every crash restarts at once: what is measured is the restart path itself,
   // not the backoff schedule (which tests cover with the injected clock).
   spec.backoff = backoff_policy{clock::duration::zero(), clock::duration::zero(), std::chrono::hours{1}, 0};
-  spec.start = [hc](caf::actor_system& s) { return spawn_module_host(s, hc); };
 
   supervisor_config sc;
   sc.name = "modules";
@@ -146,28 +137,35 @@ int main(int argc, char** argv) {
           return;
         st->instance = ev.instance;
         if (st->crashed)  // the fresh instance: its next message
-          self->send(st->instance, atoms::input::value, std::string{"ping"}, payload);
+          self->send(st->instance, atoms::input::value, std::string{"ping"}, payload, std::uint64_t{0});
         else {            // the first instance: start crashing it
           st->crashed = true;
-          self->send(st->instance, atoms::input::value, std::string{"crash"}, payload);
+          self->send(st->instance, atoms::input::value, std::string{"crash"}, payload, std::uint64_t{0});
         }
       },
-      [=, &result](atoms::route_msg, const routed_message&) {  // the pong
+      [=, &result](atoms::route_msg, const routed_message&, std::uint64_t token) {  // the pong
+        // Acknowledged as $upstream does, to the router that delivered it.
+        self->send(caf::actor_cast<caf::actor>(self->current_sender()), atoms::delivered::value,
+                   std::string{upstream_endpoint}, token);
         st->lat.push_back(static_cast<double>(handled_at.load() - crash_at.load()) / 1000.0);
         if (++st->done == crashes) {
           result.set_value(std::move(st->lat));
           self->quit();
           return;
         }
-        self->send(st->instance, atoms::input::value, std::string{"crash"}, payload);
+        self->send(st->instance, atoms::input::value, std::string{"crash"}, payload, std::uint64_t{0});
       },
     };
   });
+  // $upstream of this little node is the driver; the router's store is in a
+  // scratch directory.
+  temp_dir dir("bench-restart");
+  router_config rc;
   rc.upstream = driver;
-  caf::anon_send_exit(router, caf::exit_reason::user_shutdown);
-  router = spawn_router(sys, rc);
-  caf::anon_send(router, atoms::set_routes::value,
-                 route_table{std::make_shared<const std::vector<route>>(std::vector<route>{*r})});
+  auto router = start_router(
+    sys, open_shared_store("bench-restart", dir.path), clk,
+    compile_or_die("bench-restart", {route_spec{"r", "FROM /messages/modules/crasher/outputs/pong INTO $upstream", 0, 0}}),
+    rc);
   hc.router = router;
   spec.start = [hc](caf::actor_system& s) { return spawn_module_host(s, hc); };
   sc.children = {spec};
@@ -183,7 +181,7 @@ int main(int argc, char** argv) {
   std::printf("RESULT bench-restart p50_us=%.1f p99_us=%.1f spawn_us=%.1f ratio=%.2f crashes=%d\n", p50,
               p99, spawn_us, p50 / spawn_us, crashes);
   self->send_exit(sup, caf::exit_reason::user_shutdown);
-  self->send_exit(router, caf::exit_reason::user_shutdown);
+  stop_and_wait(self, router);
   clk.stop();
   return 0;
 }

@@ -1,5 +1,6 @@
-// Helpers shared by the message_store benchmarks (bench-durable-enqueue,
-// bench-drain, bench-backlog-memory): opening a store and filling it.
+// Helpers for the benchmarks that use the message_store directly
+// (bench-durable-enqueue's store-alone figure, bench-drain's backlog):
+// opening a store and filling it. Router helpers: bench_router.hpp.
 #pragma once
 
 #include "bench/bench_common.hpp"
