@@ -34,6 +34,7 @@ struct host_state {
   std::uint64_t processed_token = 0;  ///< last input whose on_message returned
   std::uint64_t acked_token = 0;      ///< last one acknowledged to the router
   std::size_t unacked = 0;            ///< inputs processed since the last acknowledgement
+  std::uint64_t sent = 0;             ///< messages sent to the router by this instance
   bool ack_scheduled = false;
   static inline const char* name = "canopy.module";
 };
@@ -71,6 +72,7 @@ class host_context final : public module_context {
       return;
     self_->send(cfg.router, atoms::route_msg::value,
                 routed_message{std::move(msg), cfg.device_id, cfg.name, std::string{output}});
+    ++self_->state.sent;
   }
 
   void report(const json& patch) override {
@@ -115,7 +117,11 @@ class host_context final : public module_context {
 void send_ack(host_actor* self) {
   auto& st = self->state;
   if (st.processed_token > st.acked_token && st.cfg.router) {
-    self->send(st.cfg.router, atoms::delivered::value, st.cfg.name, st.processed_token);
+    // Urgent, so that it does not wait behind a flood of messages in the
+    // router's mailbox; `sent` lets the router hold it until the messages this
+    // instance sent before it are routed.
+    self->send<caf::message_priority::high>(st.cfg.router, atoms::delivered::value, st.cfg.name,
+                                             st.processed_token, st.sent);
     st.acked_token = st.processed_token;
   }
   st.unacked = 0;

@@ -87,6 +87,13 @@ struct receiver {
   std::vector<lane*> lanes;         ///< sorted by priority
   int retry_attempt = 0;
   bool retry_wait = false;
+  // Acknowledgements come with high priority and so may overtake the messages
+  // the instance sent before them; one is applied only once the router has
+  // routed that many messages from the instance (so an input's checkpoint
+  // never passes the outputs it caused).
+  std::uint64_t routed = 0;          ///< messages routed from the current instance
+  std::uint64_t held_token = 0;      ///< an acknowledgement waiting for them
+  std::uint64_t held_sent = 0;
 };
 
 struct pending_target {
@@ -112,11 +119,14 @@ struct router_state {
   route_table routes = std::make_shared<const std::vector<table_route>>();
   std::map<std::pair<std::string, int>, std::unique_ptr<lane>> lanes;
   std::unordered_map<std::string, std::unique_ptr<receiver>> receivers;
+  std::unordered_map<caf::actor_addr, receiver*> by_instance;  ///< live module instances
+  std::vector<lane*> route_lanes;  ///< lane of each route of `routes` (null: not resolved yet)
   // The group-commit batch.
   std::vector<pending_msg> batch;
   std::vector<pending_target> targets;
   std::vector<waiting_sender> waiting;
-  bool flush_scheduled = false;
+  bool flush_scheduled = false;   ///< a flush message (delayed or not) is on its way
+  bool flush_soon = false;        ///< an immediate one is
   bool refill_wanted = false;
   bool store_failing = false;        ///< the last append failed (not "full"): retrying
   std::uint64_t dropped_failing = 0; ///< messages given up after the store kept failing
@@ -418,6 +428,7 @@ void refill(router_actor* self, lane& l) {
 void flush(router_actor* self) {
   auto& st = self->state;
   st.flush_scheduled = false;
+  st.flush_soon = false;
   auto& store = *st.cfg.store;
 
   // 1. Append what is still needed: targets acknowledged (or expired) before
@@ -542,13 +553,21 @@ void flush(router_actor* self) {
 
 void schedule_flush(router_actor* self, bool soon) {
   auto& st = self->state;
-  if (st.flush_scheduled || st.store_failing)  // a failing store retries on its own timer
+  if (st.store_failing)  // a failing store retries on its own timer
+    return;
+  if (soon || st.cfg.commit_interval.count() == 0) {
+    // Even if a delayed one is pending: refills and marks must not wait for it.
+    if (st.flush_soon)
+      return;
+    st.flush_soon = true;
+    st.flush_scheduled = true;
+    self->send(self, atoms::flush::value);
+    return;
+  }
+  if (st.flush_scheduled)
     return;
   st.flush_scheduled = true;
-  if (soon || st.cfg.commit_interval.count() == 0)
-    self->send(self, atoms::flush::value);
-  else
-    self->delayed_send(self, st.cfg.commit_interval, atoms::flush::value);
+  self->delayed_send(self, st.cfg.commit_interval, atoms::flush::value);
 }
 
 /// Routes one message: finds its lanes, puts it in their windows (handing it
@@ -563,10 +582,15 @@ std::uint64_t enqueue(router_actor* self, routed_message&& in,
   std::chrono::milliseconds ttls[16];
   std::size_t n = 0;
   std::vector<std::pair<lane*, std::chrono::milliseconds>> more;  // past 16 targets
-  for (const auto& tr : *st.routes) {
+  if (st.route_lanes.size() != st.routes->size())
+    st.route_lanes.assign(st.routes->size(), nullptr);
+  for (std::size_t ri = 0; ri < st.routes->size(); ++ri) {
+    const auto& tr = (*st.routes)[ri];
     if (!tr.r.matches(in.msg, src))
       continue;
-    lane* l = lane_of(st, tr.endpoint, tr.priority);
+    lane*& l = st.route_lanes[ri];
+    if (l == nullptr)
+      l = lane_of(st, tr.endpoint, tr.priority);
     if (l == nullptr)
       continue;
     // One copy per lane, even if several routes lead there.
@@ -762,7 +786,9 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
   self->set_down_handler([self](caf::down_msg& dm) {
     for (auto& [name, r] : self->state.receivers)
       if (r->instance && r->instance.address() == dm.source) {
+        self->state.by_instance.erase(dm.source);
         r->instance = caf::actor{};
+        r->held_token = 0;
         reset_outstanding(*r);
       }
   });
@@ -772,18 +798,43 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
     self->quit(em.reason);
   });
   return {
-    [self](atoms::route_msg, routed_message& rm) { enqueue(self, std::move(rm), nullptr); },
+    [self](atoms::route_msg, routed_message& rm) {
+      enqueue(self, std::move(rm), nullptr);
+      // Count it for its sender, if that is a receiver (see receiver::routed).
+      auto& st = self->state;
+      if (st.by_instance.empty())
+        return;
+      auto it = st.by_instance.find(caf::actor_cast<caf::actor_addr>(self->current_sender()));
+      if (it == st.by_instance.end())
+        return;
+      receiver& r = *it->second;
+      ++r.routed;
+      if (r.held_token != 0 && r.routed >= r.held_sent) {
+        const auto token = r.held_token;
+        r.held_token = 0;
+        acknowledge(self, r, token);
+      }
+    },
     [self](atoms::inject, routed_message& rm) -> caf::result<std::uint64_t> {
       auto rp = self->make_response_promise<std::uint64_t>();
       if (enqueue(self, std::move(rm), &rp) == 0)
         rp.deliver(std::uint64_t{0});
       return rp;
     },
-    [self](atoms::set_routes, route_table& routes) { self->state.routes = std::move(routes); },
+    [self](atoms::set_routes, route_table& routes) {
+      self->state.routes = std::move(routes);
+      self->state.route_lanes.clear();
+    },
     [self](atoms::module_up, const std::string& name, caf::actor& instance) {
-      auto& r = receiver_of(self->state, name);
+      auto& st = self->state;
+      auto& r = receiver_of(st, name);
       self->monitor(instance);
+      if (r.instance)
+        st.by_instance.erase(r.instance.address());
       r.instance = instance;
+      st.by_instance[instance.address()] = &r;
+      r.routed = 0;
+      r.held_token = 0;
       reset_outstanding(r);
       if (std::any_of(r.lanes.begin(), r.lanes.end(), [](const lane* l) { return l->spilled; })) {
         self->state.refill_wanted = true;
@@ -800,6 +851,20 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
       if (!r.instance || r.instance.address() != self->current_sender())
         return;
       acknowledge(self, r, token);
+    },
+    [self](atoms::delivered, const std::string& name, std::uint64_t token, std::uint64_t sent) {
+      auto it = self->state.receivers.find(name);
+      if (it == self->state.receivers.end())
+        return;
+      auto& r = *it->second;
+      if (!r.instance || r.instance.address() != self->current_sender())
+        return;
+      if (r.routed >= sent) {
+        acknowledge(self, r, token);
+      } else {
+        r.held_token = std::max(r.held_token, token);
+        r.held_sent = std::max(r.held_sent, sent);
+      }
     },
     [self](atoms::nack, const std::string& name) {
       auto& st = self->state;

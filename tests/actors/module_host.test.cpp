@@ -145,9 +145,10 @@ TEST_CASE("inputs reach on_message and send() goes to the router with its source
     CHECK(rm.msg.same_buffer(m));  // forwarded, not re-encoded
   }, caf::after(5s) >> [] { FAIL("nothing routed"); });
   // The input is acknowledged to the router after on_message returned.
-  (*f.self)->receive([&](atoms::delivered, const std::string& name, std::uint64_t token) {
+  (*f.self)->receive([&](atoms::delivered, const std::string& name, std::uint64_t token, std::uint64_t sent) {
     CHECK(name == "m");
     CHECK(token == 7);
+    CHECK(sent == 1);  // it sent one message before acknowledging
   }, caf::after(5s) >> [] { FAIL("no acknowledgement"); });
   caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
 }
@@ -165,7 +166,7 @@ TEST_CASE("inputs are acknowledged cumulatively; the one that crashed the instan
   (*f.self)->monitor(a);
   while (!down)
     (*f.self)->receive([&](atoms::route_msg, const routed_message&) {},
-                       [&](atoms::delivered, const std::string&, std::uint64_t token) {
+                       [&](atoms::delivered, const std::string&, std::uint64_t token, std::uint64_t) {
                          CHECK(token > acked);
                          acked = token;
                        },

@@ -65,6 +65,16 @@ caf::behavior receiver(caf::stateful_actor<receiver_state>* self, caf::actor tes
       return true;
     },
     [](atoms::resume) {},
+    // As a module host: an acknowledgement counting the messages it sent, and
+    // a message it sends.
+    [self, name](atoms::delivered, std::uint64_t token, std::uint64_t sent) {
+      self->send<caf::message_priority::high>(self->state.router, atoms::delivered::value, name, token, sent);
+      return true;
+    },
+    [self](atoms::route_msg, routed_message& rm) {
+      self->send(self->state.router, atoms::route_msg::value, std::move(rm));
+      return true;
+    },
   };
 }
 
@@ -519,4 +529,22 @@ TEST_CASE("router: re-deliveries after a restart count only what was handed over
   for (int i = 3; i <= 6; ++i)
     CHECK(f.next().body == std::to_string(i));
   CHECK(f.metrics(r2).redelivered == 2);
+}
+
+TEST_CASE("router: an acknowledgement is held until the outputs sent before it are routed") {
+  fixture f;
+  auto r = f.router();
+  f.set_routes(r, {rs(to_b), rs("FROM /messages/modules/b/* INTO $upstream")});
+  auto b = f.make_receiver("b", false);
+  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, b);
+  f.send(r, "a", "out", "in1");
+  auto g = f.next();
+  // b says: "done with in1, after sending 1 message" — which the router has
+  // not seen yet (it overtook it).
+  f.tell(b, atoms::delivered::value, g.token, std::uint64_t{1});
+  CHECK(f.metrics(r).sent == 0);
+  f.tell(b, atoms::route_msg::value, routed_message{message_builder{}.body("out1").build(), "dev", "b", "o"});
+  auto m = f.metrics(r);
+  CHECK(m.sent == 1);
+  CHECK(m.received == 2);
 }
