@@ -34,6 +34,7 @@ using inject = caf::atom_constant<caf::atom("inject")>;
 using delivered = caf::atom_constant<caf::atom("delivered")>;
 using nack = caf::atom_constant<caf::atom("nack")>;
 using resume = caf::atom_constant<caf::atom("resume")>;
+using committed = caf::atom_constant<caf::atom("committed")>;
 
 // agent (runtime/agent.hpp) and control
 using deploy = caf::atom_constant<caf::atom("deploy")>;

@@ -8,9 +8,13 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <deque>
 #include <limits>
 #include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
 #include <unordered_map>
 
 namespace canopy {
@@ -114,6 +118,78 @@ struct waiting_sender {
   std::uint64_t targets;
 };
 
+/// One group commit, handed to the writer thread.
+struct commit_job {
+  std::vector<route_target> flat;            ///< targets of `entries` (spans into it)
+  std::vector<append_entry> entries;
+  std::vector<shared_rm> keep;               ///< owns what `entries` refer to
+  std::vector<pending_target> written;       ///< each written target, in append order
+  std::map<lane*, std::int64_t> next_seq;    ///< each lane's last seq before the append
+  std::vector<waiting_sender> waiting;       ///< senders answered once it is done
+  std::optional<expected<append_result>> result;  ///< set by the writer
+};
+
+/// The thread that runs message_store::append for the router, so that routing
+/// goes on while a commit is written (group-commit pipelining). The router
+/// touches the store only while the writer is idle (it waits for it first).
+class commit_writer {
+ public:
+  commit_writer(std::shared_ptr<message_store> store, std::function<void()> on_done)
+    : store_(std::move(store)), on_done_(std::move(on_done)), thread_([this] { run(); }) {}
+  ~commit_writer() {
+    {
+      std::lock_guard<std::mutex> guard{mtx_};
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  commit_writer(const commit_writer&) = delete;
+  commit_writer& operator=(const commit_writer&) = delete;
+
+  /// Starts appending `job` (which must outlive the append); the writer must be idle.
+  void start(commit_job* job) {
+    {
+      std::lock_guard<std::mutex> guard{mtx_};
+      job_ = job;
+    }
+    cv_.notify_all();
+  }
+
+  /// Waits until no append runs.
+  void wait() {
+    std::unique_lock<std::mutex> lock{mtx_};
+    cv_.wait(lock, [this] { return job_ == nullptr; });
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lock{mtx_};
+    for (;;) {
+      cv_.wait(lock, [this] { return stop_ || job_ != nullptr; });
+      if (job_ == nullptr)
+        return;  // stopping, idle
+      commit_job* job = job_;
+      lock.unlock();
+      job->result.emplace(store_->append(job->entries));
+      lock.lock();
+      job_ = nullptr;
+      cv_.notify_all();
+      lock.unlock();
+      on_done_();
+      lock.lock();
+    }
+  }
+
+  std::shared_ptr<message_store> store_;
+  std::function<void()> on_done_;
+  std::mutex mtx_;
+  std::condition_variable cv_;
+  commit_job* job_ = nullptr;
+  bool stop_ = false;
+  std::thread thread_;  // last: starts after the members it uses
+};
+
 struct router_state {
   router_config cfg;
   route_table routes = std::make_shared<const std::vector<table_route>>();
@@ -134,6 +210,9 @@ struct router_state {
   node_metrics counters;             ///< received, sent, no_route, redelivered, mem ttl drops
   std::uint64_t store_errors_logged = 0;
   clock::timer_id expire_timer = 0;
+  std::unique_ptr<commit_job> inflight;    ///< the commit the writer runs (or failed and will retry)
+  // Last member: destroyed first, joining the writer before what it uses goes.
+  std::unique_ptr<commit_writer> writer;
   static inline const char* name = "canopy.router";
 };
 
@@ -425,99 +504,18 @@ void refill(router_actor* self, lane& l) {
   pop_done(self, l);
 }
 
-void flush(router_actor* self) {
+/// Steps after a commit (or a flush with nothing to write): read the next
+/// windows of lanes that caught up, persist checkpoints and delivery marks in
+/// one transaction, and hand over what became deliverable. The store is idle.
+void after_commit(router_actor* self) {
   auto& st = self->state;
-  st.flush_scheduled = false;
-  st.flush_soon = false;
   auto& store = *st.cfg.store;
-
-  // 1. Append what is still needed: targets acknowledged (or expired) before
-  //    their commit are never written.
-  std::vector<route_target> flat;
-  std::vector<append_entry> entries;
-  std::vector<const pending_target*> written;  // in append order
-  std::vector<std::size_t> entry_msg;          // batch index of each entry
-  flat.reserve(st.targets.size());
-  for (std::size_t i = 0; i < st.batch.size(); ++i) {
-    const auto& pm = st.batch[i];
-    const std::size_t before = flat.size();
-    for (std::size_t k = pm.first; k < pm.first + pm.count; ++k) {
-      const auto& t = st.targets[k];
-      if (t.in_mem && (t.pos < t.l->front_pos || t.l->mem[t.pos - t.l->front_pos].done))
-        continue;
-      flat.push_back(route_target{t.l->endpoint, t.l->priority, t.ttl});
-      written.push_back(&t);
-    }
-    if (flat.size() > before) {
-      entries.push_back(append_entry{pm.rm->msg, pm.rm->source(), {}});
-      entries.back().targets = std::span<const route_target>(flat.data() + before, flat.size() - before);
-      entry_msg.push_back(i);
-    }
-  }
-  bool append_ok = true;
-  error append_err;
-  if (!entries.empty()) {
-    std::map<lane*, std::int64_t> next_seq;
-    for (const auto* t : written)
-      next_seq.emplace(t->l, store.last_seq(t->l->endpoint, t->l->priority));
-    auto r = store.append(entries);
-    if (!r && r.err().code != errc::unavailable && st.batch.size() < 4 * st.cfg.commit_batch) {
-      // The store failed (not "full"): keep the batch and try again shortly.
-      // Checkpoints wait too, so that no input's checkpoint passes the outputs
-      // its module sent before acknowledging it.
-      if (!st.store_failing)
-        log_store_error(self, "storing " + std::to_string(entries.size()) + " message(s), will retry",
-                        r.err());
-      st.store_failing = true;
-      retry_later(self);
-      return;
-    }
-    st.store_failing = false;
-    if (r) {
-      for (const auto* t : written) {
-        const std::int64_t seq = ++next_seq[t->l];
-        lane& l = *t->l;
-        if (!t->in_mem)
-          continue;
-        if (t->pos < l.front_pos)
-          continue;
-        entry& e = l.mem[t->pos - l.front_pos];
-        e.seq = seq;
-        l.read_cursor = std::max(l.read_cursor, seq);
-        if (e.token != 0 || e.handed_before)
-          l.want_mark = std::max(l.want_mark, seq);
-      }
-    } else {
-      append_ok = false;
-      append_err = std::move(r).err();
-      log_store_error(self, "storing " + std::to_string(entries.size()) + " message(s)", append_err);
-      // Full (the store counted the batch as store_full), or failing for too
-      // long (counted here): refused; what was not handed over yet is dropped.
-      if (append_err.code != errc::unavailable)
-        st.dropped_failing += entries.size();
-      for (const auto* t : written) {
-        if (!t->in_mem || t->pos < t->l->front_pos)
-          continue;
-        entry& e = t->l->mem[t->pos - t->l->front_pos];
-        if (e.token == 0 && !e.done)
-          e.done = true;  // counted by the store (store_full) with its batch
-      }
-      for (const auto* t : written)
-        pop_done(self, *t->l);
-    }
-  }
-  st.batch.clear();
-  st.targets.clear();
-
-  // 2. Read the next windows of lanes that caught up with their memory.
   if (st.refill_wanted) {
     st.refill_wanted = false;
     for (auto& [key, l] : st.lanes)
       if (l->spilled && l->rcv->instance)
         refill(self, *l);
   }
-
-  // 3. Checkpoints and delivery marks, in one transaction.
   std::vector<lane_ack> acks, marks;
   for (auto& [key, l] : st.lanes) {
     if (l->ack_seq > l->checkpoint)
@@ -536,19 +534,122 @@ void flush(router_actor* self) {
       schedule_flush(self, false);  // try again with the next commit
     }
   }
-
-  // 4. Senders that wait.
-  for (auto& w : st.waiting) {
-    if (append_ok)
-      w.promise.deliver(w.targets);
-    else
-      w.promise.deliver(caf::make_error(caf::sec::runtime_error, append_err.message));
-  }
-  st.waiting.clear();
-
-  // 5. Hand over what became deliverable.
   for (auto& [name, r] : st.receivers)
     pump(self, *r);
+}
+
+/// Completes the commit in flight: waits for the writer, gives the committed
+/// window entries their seqs (entries acknowledged meanwhile move the
+/// checkpoint), answers its waiting senders, then after_commit(). False if the
+/// store failed (not "full") and the commit is kept to be tried again.
+bool finish_commit(router_actor* self) {
+  auto& st = self->state;
+  auto& job = *st.inflight;
+  st.writer->wait();
+  if (!job.result) {  // a retry
+    st.writer->start(&job);
+    st.writer->wait();
+  }
+  auto r = std::move(*job.result);
+  job.result.reset();
+  const bool give_up = st.batch.size() >= 4 * st.cfg.commit_batch;
+  if (!r && r.err().code != errc::unavailable && !give_up) {
+    // Keep it and try again shortly. Checkpoints wait too, so that no input's
+    // checkpoint passes the outputs its module sent before acknowledging it.
+    if (!st.store_failing)
+      log_store_error(self, "storing " + std::to_string(job.entries.size()) + " message(s), will retry",
+                      r.err());
+    st.store_failing = true;
+    retry_later(self);
+    return false;
+  }
+  st.store_failing = false;
+  if (r) {
+    for (const auto& t : job.written) {
+      const std::int64_t seq = ++job.next_seq[t.l];
+      lane& l = *t.l;
+      if (!t.in_mem)
+        continue;
+      if (t.pos < l.front_pos) {
+        // Acknowledged while its commit ran (windows pop in order, so every
+        // earlier entry of the lane is done too).
+        l.ack_seq = std::max(l.ack_seq, seq);
+        continue;
+      }
+      entry& e = l.mem[t.pos - l.front_pos];
+      e.seq = seq;
+      l.read_cursor = std::max(l.read_cursor, seq);
+      if (e.token != 0 || e.handed_before)
+        l.want_mark = std::max(l.want_mark, seq);
+    }
+    for (auto& w : job.waiting)
+      w.promise.deliver(w.targets);
+  } else {
+    const error err = std::move(r).err();
+    log_store_error(self, "storing " + std::to_string(job.entries.size()) + " message(s)", err);
+    // Full (the store counted the batch as store_full), or failing for too
+    // long (counted here): refused; what was not handed over yet is dropped.
+    if (err.code != errc::unavailable)
+      st.dropped_failing += job.entries.size();
+    for (const auto& t : job.written) {
+      if (!t.in_mem || t.pos < t.l->front_pos)
+        continue;
+      entry& e = t.l->mem[t.pos - t.l->front_pos];
+      if (e.token == 0 && !e.done)
+        e.done = true;
+    }
+    for (const auto& t : job.written)
+      pop_done(self, *t.l);
+    for (auto& w : job.waiting)
+      w.promise.deliver(caf::make_error(caf::sec::runtime_error, err.message));
+  }
+  st.inflight.reset();
+  after_commit(self);
+  return true;
+}
+
+/// Group commit: hands the batch to the writer thread (what every endpoint
+/// acknowledged before this point is left out) and goes on routing while it is
+/// written. A commit still in flight is completed first, so commits stay in
+/// order and at most one runs.
+void flush(router_actor* self) {
+  auto& st = self->state;
+  st.flush_scheduled = false;
+  st.flush_soon = false;
+  if (st.inflight && !finish_commit(self))
+    return;  // the store is failing: retried on its timer
+  auto job = std::make_unique<commit_job>();
+  job->flat.reserve(st.targets.size());
+  for (const auto& pm : st.batch) {
+    const std::size_t before = job->flat.size();
+    for (std::size_t k = pm.first; k < pm.first + pm.count; ++k) {
+      const auto& t = st.targets[k];
+      if (t.in_mem && (t.pos < t.l->front_pos || t.l->mem[t.pos - t.l->front_pos].done))
+        continue;
+      job->flat.push_back(route_target{t.l->endpoint, t.l->priority, t.ttl});
+      job->written.push_back(t);
+    }
+    if (job->flat.size() > before) {
+      job->entries.push_back(append_entry{pm.rm->msg, pm.rm->source(), {}});
+      job->entries.back().targets =
+        std::span<const route_target>(job->flat.data() + before, job->flat.size() - before);
+      job->keep.push_back(pm.rm);
+    }
+  }
+  st.batch.clear();
+  st.targets.clear();
+  job->waiting = std::move(st.waiting);
+  st.waiting.clear();
+  if (job->entries.empty()) {
+    for (auto& w : job->waiting)
+      w.promise.deliver(w.targets);
+    after_commit(self);
+    return;
+  }
+  for (const auto& t : job->written)
+    job->next_seq.emplace(t.l, st.cfg.store->last_seq(t.l->endpoint, t.l->priority));
+  st.inflight = std::move(job);
+  st.writer->start(st.inflight.get());
 }
 
 void schedule_flush(router_actor* self, bool soon) {
@@ -676,6 +777,8 @@ void acknowledge(router_actor* self, receiver& r, std::uint64_t token) {
 
 void sweep_expired(router_actor* self) {
   auto& st = self->state;
+  if (st.inflight && !finish_commit(self))
+    return;  // the store is failing
   const std::int64_t now = st.cfg.clk->wall_ms();
   for (auto& [key, l] : st.lanes) {
     // The window: entries not handed over.
@@ -763,6 +866,13 @@ node_metrics metrics_of(router_actor* self) {
 caf::behavior router_impl(router_actor* self, router_config cfg) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
+  {
+    auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
+    st.writer = std::make_unique<commit_writer>(st.cfg.store, [weak] {
+      if (auto a = caf::actor_cast<caf::actor>(weak.lock()))
+        caf::anon_send(a, atoms::committed::value);
+    });
+  }
   // Resume every stored lane from its checkpoint.
   for (auto& ls : st.cfg.store->lanes()) {
     lane* l = lane_of(st, ls.endpoint, ls.priority);
@@ -795,6 +905,8 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
   // An orderly stop commits what is batched.
   self->set_exit_handler([self](caf::exit_msg& em) {
     flush(self);
+    if (self->state.inflight)
+      finish_commit(self);
     self->quit(em.reason);
   });
   return {
@@ -896,12 +1008,24 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
       pump(self, *it->second);
     },
     [self](atoms::flush) { flush(self); },
+    [self](atoms::committed) {
+      auto& st = self->state;
+      if (!st.inflight || !st.inflight->result)
+        return;  // completed already (or a retry is pending)
+      if (!finish_commit(self))
+        return;
+      // Pipelining: a full batch waiting goes to the writer at once.
+      if (st.batch.size() >= st.cfg.commit_batch)
+        flush(self);
+    },
     [self](atoms::tick) {
       sweep_expired(self);
       arm_expire_timer(self);
     },
     [self](atoms::stats) {
       flush(self);
+      if (self->state.inflight)
+        finish_commit(self);
       return metrics_of(self);
     },
   };
