@@ -168,7 +168,7 @@ caf::behavior module_host_impl(host_actor* self, module_host_config cfg) {
     return {};
   }
   if (st.cfg.router)
-    self->send(st.cfg.router, atoms::module_up::value, st.cfg.name, caf::actor{self});
+    self->send(st.cfg.router, atoms::module_up::value, st.cfg.name, caf::actor{self}, st.sent);
   return {
     [self](atoms::input, const std::string& input, const message& msg, std::uint64_t token) {
       auto& st = self->state;

@@ -73,6 +73,7 @@ struct lane {
   std::int64_t want_mark = 0;    ///< mark to persist at the next commit
   std::int64_t restart_mark = 0; ///< the mark found at start: seqs <= it were handed before
   std::int64_t mem_bytes = 0;    ///< encoded bytes held in the window
+  std::int64_t unstored_spill = 0;  ///< messages past the window not yet committed
   int passed = 0;                ///< times passed over for a more urgent lane, in a row
 };
 
@@ -109,6 +110,7 @@ struct pending_target {
 
 struct pending_msg {
   shared_rm rm;
+  std::int64_t at_ms;  ///< wall time it entered the batch (injected clock)
   std::size_t first;  ///< index of its first target in router_state::targets
   std::size_t count;
 };
@@ -218,10 +220,9 @@ struct router_state {
 
 using router_actor = caf::stateful_actor<router_state>;
 
-std::int64_t expiry_for(const router_state& st, std::chrono::milliseconds ttl) {
+std::int64_t expiry_for(std::int64_t now, std::chrono::milliseconds ttl) {
   if (ttl == message_store_options::no_expiry)
     return 0;
-  const std::int64_t now = st.cfg.clk->wall_ms();
   if (ttl.count() > std::numeric_limits<std::int64_t>::max() - now)
     return 0;
   return now + ttl.count();
@@ -367,11 +368,11 @@ entry* next_entry(router_actor* self, lane& l, std::int64_t now, bool* blocked) 
 
 /// Hands over messages to `r` while its window has room, most urgent lane first
 /// (with the anti-starvation rule).
-void pump(router_actor* self, receiver& r) {
+void pump(router_actor* self, receiver& r, std::int64_t now_ms = -1) {
   auto& st = self->state;
   if (!r.instance || r.retry_wait)
     return;
-  const std::int64_t now = st.cfg.clk->wall_ms();
+  const std::int64_t now = now_ms >= 0 ? now_ms : st.cfg.clk->wall_ms();
   while (r.out.size() < st.cfg.receiver_window) {
     lane* chosen = nullptr;
     entry* chosen_e = nullptr;
@@ -495,8 +496,10 @@ void refill(router_actor* self, lane& l) {
       e.handed_before = q.seq <= l.restart_mark;
       l.mem.push_back(std::move(e));
     }
-    if (rows->size() < want)
+    if (rows->size() < want && l.unstored_spill == 0)
       l.spilled = false;
+    if (rows->size() < want)
+      break;
   }
   // The receiver is about to get part of this window: the mark covering it is
   // written with the checkpoints of this commit.
@@ -568,12 +571,17 @@ bool finish_commit(router_actor* self) {
     for (const auto& t : job.written) {
       const std::int64_t seq = ++job.next_seq[t.l];
       lane& l = *t.l;
-      if (!t.in_mem)
+      if (!t.in_mem) {
+        --l.unstored_spill;  // now on disk, where refill finds it
+        if (wants_refill(st, l))
+          st.refill_wanted = true;
         continue;
+      }
       if (t.pos < l.front_pos) {
         // Acknowledged while its commit ran (windows pop in order, so every
         // earlier entry of the lane is done too).
         l.ack_seq = std::max(l.ack_seq, seq);
+        l.read_cursor = std::max(l.read_cursor, seq);
         continue;
       }
       entry& e = l.mem[t.pos - l.front_pos];
@@ -592,7 +600,11 @@ bool finish_commit(router_actor* self) {
     if (err.code != errc::unavailable)
       st.dropped_failing += job.entries.size();
     for (const auto& t : job.written) {
-      if (!t.in_mem || t.pos < t.l->front_pos)
+      if (!t.in_mem) {
+        --t.l->unstored_spill;
+        continue;
+      }
+      if (t.pos < t.l->front_pos)
         continue;
       entry& e = t.l->mem[t.pos - t.l->front_pos];
       if (e.token == 0 && !e.done)
@@ -611,16 +623,28 @@ bool finish_commit(router_actor* self) {
 /// Group commit: hands the batch to the writer thread (what every endpoint
 /// acknowledged before this point is left out) and goes on routing while it is
 /// written. A commit still in flight is completed first, so commits stay in
-/// order and at most one runs.
-void flush(router_actor* self) {
+/// order and at most one runs. Unless `all`, only messages that waited a whole
+/// commit interval go (a message gets that long to be acknowledged and so
+/// never written); younger ones wait for the next commit, unless a sender waits.
+void flush(router_actor* self, bool all = true) {
   auto& st = self->state;
   st.flush_scheduled = false;
   st.flush_soon = false;
   if (st.inflight && !finish_commit(self))
     return;  // the store is failing: retried on its timer
+  std::size_t cut = st.batch.size();
+  if (!all && st.waiting.empty() && st.cfg.commit_interval.count() > 0) {
+    const std::int64_t oldest_young =
+      st.cfg.clk->wall_ms() -
+      std::chrono::duration_cast<std::chrono::milliseconds>(st.cfg.commit_interval).count();
+    cut = 0;
+    while (cut < st.batch.size() && st.batch[cut].at_ms <= oldest_young)
+      ++cut;
+  }
   auto job = std::make_unique<commit_job>();
   job->flat.reserve(st.targets.size());
-  for (const auto& pm : st.batch) {
+  for (std::size_t bi = 0; bi < cut; ++bi) {
+    const auto& pm = st.batch[bi];
     const std::size_t before = job->flat.size();
     for (std::size_t k = pm.first; k < pm.first + pm.count; ++k) {
       const auto& t = st.targets[k];
@@ -636,8 +660,18 @@ void flush(router_actor* self) {
       job->keep.push_back(pm.rm);
     }
   }
-  st.batch.clear();
-  st.targets.clear();
+  if (cut == st.batch.size()) {
+    st.batch.clear();
+    st.targets.clear();
+  } else {
+    // The young rest stays, in order (its targets follow the written ones).
+    const std::size_t first_kept = st.batch[cut].first;
+    st.batch.erase(st.batch.begin(), st.batch.begin() + static_cast<std::ptrdiff_t>(cut));
+    st.targets.erase(st.targets.begin(), st.targets.begin() + static_cast<std::ptrdiff_t>(first_kept));
+    for (auto& pm : st.batch)
+      pm.first -= first_kept;
+    schedule_flush(self, false);
+  }
   job->waiting = std::move(st.waiting);
   st.waiting.clear();
   if (job->entries.empty()) {
@@ -679,6 +713,7 @@ std::uint64_t enqueue(router_actor* self, routed_message&& in,
   auto& st = self->state;
   ++st.counters.received;
   const auto src = in.source();
+  const std::int64_t now = st.cfg.clk->wall_ms();
   lane* found[16];
   std::chrono::milliseconds ttls[16];
   std::size_t n = 0;
@@ -723,23 +758,24 @@ std::uint64_t enqueue(router_actor* self, routed_message&& in,
       entry e;
       e.rm = rm;
       l.mem_bytes += static_cast<std::int64_t>(rm->msg.encoded_size());
-      e.expiry_ms = expiry_for(st, ttl);
+      e.expiry_ms = expiry_for(now, ttl);
       t.pos = l.front_pos + l.mem.size();
       t.in_mem = true;
       l.mem.push_back(std::move(e));
     } else {
       l.spilled = true;
+      ++l.unstored_spill;
     }
     st.targets.push_back(t);
   }
-  st.batch.push_back({std::move(rm), first, total});
+  st.batch.push_back({std::move(rm), now, first, total});
   // Answered by the flush that commits this batch (possibly the one below).
   if (waiter != nullptr)
     st.waiting.push_back({*waiter, total});
   for (std::size_t i = 0; i < total; ++i) {
     const pending_target& t = st.targets[first + i];
     if (t.in_mem)
-      pump(self, *t.l->rcv);
+      pump(self, *t.l->rcv, now);
   }
   if (st.batch.size() >= st.cfg.commit_batch &&
       (!st.store_failing || st.batch.size() >= 4 * st.cfg.commit_batch))
@@ -863,6 +899,26 @@ node_metrics metrics_of(router_actor* self) {
   return m;
 }
 
+/// An instance of module `name` is ready for input; it had sent `sent`
+/// messages before it said so (all routed already: same sender, same order).
+void module_up(router_actor* self, const std::string& name, caf::actor instance, std::uint64_t sent) {
+  auto& st = self->state;
+  auto& r = receiver_of(st, name);
+  self->monitor(instance);
+  if (r.instance)
+    st.by_instance.erase(r.instance.address());
+  r.instance = instance;
+  st.by_instance[instance.address()] = &r;
+  r.routed = sent;
+  r.held_token = 0;
+  reset_outstanding(r);
+  if (std::any_of(r.lanes.begin(), r.lanes.end(), [](const lane* l) { return l->spilled; })) {
+    self->state.refill_wanted = true;
+    schedule_flush(self, true);
+  }
+  pump(self, r);
+}
+
 caf::behavior router_impl(router_actor* self, router_config cfg) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
@@ -938,21 +994,10 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
       self->state.route_lanes.clear();
     },
     [self](atoms::module_up, const std::string& name, caf::actor& instance) {
-      auto& st = self->state;
-      auto& r = receiver_of(st, name);
-      self->monitor(instance);
-      if (r.instance)
-        st.by_instance.erase(r.instance.address());
-      r.instance = instance;
-      st.by_instance[instance.address()] = &r;
-      r.routed = 0;
-      r.held_token = 0;
-      reset_outstanding(r);
-      if (std::any_of(r.lanes.begin(), r.lanes.end(), [](const lane* l) { return l->spilled; })) {
-        self->state.refill_wanted = true;
-        schedule_flush(self, true);
-      }
-      pump(self, r);
+      module_up(self, name, instance, 0);
+    },
+    [self](atoms::module_up, const std::string& name, caf::actor& instance, std::uint64_t sent) {
+      module_up(self, name, instance, sent);
     },
     [self](atoms::delivered, const std::string& name, std::uint64_t token) {
       auto it = self->state.receivers.find(name);
@@ -1007,7 +1052,7 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
       it->second->retry_wait = false;
       pump(self, *it->second);
     },
-    [self](atoms::flush) { flush(self); },
+    [self](atoms::flush) { flush(self, false); },
     [self](atoms::committed) {
       auto& st = self->state;
       if (!st.inflight || !st.inflight->result)

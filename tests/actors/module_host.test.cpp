@@ -96,7 +96,7 @@ struct fixture : canopy::unit_test::actor_fixture {
 
   caf::actor wait_up() {
     caf::actor up;
-    (*self)->receive([&](atoms::module_up, const std::string& name, caf::actor& a) {
+    (*self)->receive([&](atoms::module_up, const std::string& name, caf::actor& a, std::uint64_t) {
       CHECK(name == "m");
       up = a;
     }, caf::after(5s) >> [] { FAIL("no module_up"); });
