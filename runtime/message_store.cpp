@@ -93,6 +93,15 @@ CREATE TABLE queue (
   {2, R"sql(
 ALTER TABLE lanes ADD COLUMN delivered_seq INTEGER NOT NULL DEFAULT 0;
 )sql"},
+  // A message with one destination is kept in its queue row (one B-tree
+  // insert instead of two); `encoded` is NULL for rows that refer to `messages`.
+  {3, R"sql(
+ALTER TABLE queue ADD COLUMN enqueued_ms INTEGER;
+ALTER TABLE queue ADD COLUMN source_module TEXT;
+ALTER TABLE queue ADD COLUMN source_output TEXT;
+ALTER TABLE queue ADD COLUMN source_device TEXT;
+ALTER TABLE queue ADD COLUMN encoded BLOB;
+)sql"},
 };
 
 static_assert(migrations[std::size(migrations) - 1].version ==
@@ -181,6 +190,8 @@ struct message_store::impl {
   sql_statement insert_messages;  // insert_chunk rows
   sql_statement insert_queue;
   sql_statement insert_queue_rows;  // insert_chunk rows
+  sql_statement insert_inline;
+  sql_statement insert_inline_rows;  // insert_chunk rows
   sql_statement insert_endpoint;
   sql_statement upsert_lane;
   sql_statement set_last_id;
@@ -212,12 +223,16 @@ struct message_store::impl {
     std::int64_t seq;
     std::int64_t message_id;
     std::int64_t expiry_ms;
+    std::size_t entry;  ///< batch index of its message
   };
 
   // Scratch, reused to avoid per-call allocation.
   std::vector<std::int64_t> scratch_ids;
   std::vector<queue_row> scratch_rows;
+  std::vector<queue_row> scratch_inline;   // single-destination messages
+  std::vector<std::size_t> scratch_shared;  // batch indexes of the others
   std::vector<std::int64_t> scratch_expiries;
+  std::int64_t scratch_deleted = 0;
 
   std::int64_t now_ms() const {
     return options.wall_clock != nullptr ? options.wall_clock->wall_ms() : system_wall_ms();
@@ -300,15 +315,22 @@ struct message_store::impl {
       if (b.rc() != SQLITE_OK)
         return stmt_error(s, b.rc());
       int rc;
-      while ((rc = sqlite3_step(s)) == SQLITE_ROW)
-        scratch_ids.push_back(sqlite3_column_int64(s, 0));
+      std::int64_t deleted = 0;
+      while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        ++deleted;
+        // typeof(): SQLite 3.40.1 (Debian 12) evaluates `encoded IS NULL` wrongly
+        // (always false) in a DELETE's RETURNING clause.
+        if (sqlite3_column_int(s, 1) != 0)  // refers to a shared `messages` row
+          scratch_ids.push_back(sqlite3_column_int64(s, 0));
+      }
       if (rc != SQLITE_DONE)
         return stmt_error(s, rc);
+      scratch_deleted = deleted;
     }
     for (const std::int64_t id : scratch_ids)
       if (auto r = release(id); !r)
         return std::move(r).err();
-    return static_cast<std::int64_t>(scratch_ids.size());
+    return scratch_deleted;
   }
 
   /// Deletes the given expired rows of a lane in one transaction and counts them.
@@ -352,10 +374,17 @@ expected<void> message_store::impl::prepare() {
   const std::string insert_queue_rows_sql =
     multi_row_insert("INSERT INTO queue (endpoint_id, priority, seq, message_id, expiry_ms) VALUES",
                      5, insert_chunk);
+  const char* inline_cols =
+    "INSERT INTO queue (endpoint_id, priority, seq, message_id, expiry_ms, enqueued_ms, "
+    "source_module, source_output, source_device, encoded) VALUES";
+  const std::string insert_inline_sql = multi_row_insert(inline_cols, 10, 1);
+  const std::string insert_inline_rows_sql = multi_row_insert(inline_cols, 10, insert_chunk);
   const detail::statement_slot entries[] = {
     {&begin, "BEGIN IMMEDIATE"},
     {&insert_messages, insert_messages_sql.c_str()},
     {&insert_queue_rows, insert_queue_rows_sql.c_str()},
+    {&insert_inline, insert_inline_sql.c_str()},
+    {&insert_inline_rows, insert_inline_rows_sql.c_str()},
     {&commit, "COMMIT"},
     {&rollback, "ROLLBACK"},
     {&insert_message,
@@ -372,16 +401,17 @@ expected<void> message_store::impl::prepare() {
     // LEFT JOIN keeps the queue as the outer loop (seq order from its key) and
     // shows a dangling reference as NULLs instead of hiding it.
     {&read_window,
-     "SELECT q.seq, q.message_id, q.expiry_ms, m.id, m.enqueued_ms, m.source_module, "
-     "m.source_output, m.source_device, m.encoded "
-     "FROM queue AS q LEFT JOIN messages AS m ON m.id = q.message_id "
+     "SELECT q.seq, q.message_id, q.expiry_ms, m.id, COALESCE(q.enqueued_ms, m.enqueued_ms), "
+     "COALESCE(q.source_module, m.source_module), COALESCE(q.source_output, m.source_output), "
+     "COALESCE(q.source_device, m.source_device), COALESCE(q.encoded, m.encoded) "
+     "FROM queue AS q LEFT JOIN messages AS m ON q.encoded IS NULL AND m.id = q.message_id "
      "WHERE q.endpoint_id = ?1 AND q.priority = ?2 AND q.seq > ?3 ORDER BY q.seq LIMIT ?4"},
     {&delete_upto,
      "DELETE FROM queue WHERE endpoint_id = ?1 AND priority = ?2 AND seq <= ?3 "
-     "RETURNING message_id"},
+     "RETURNING message_id, typeof(encoded) = 'null'"},
     {&delete_one,
      "DELETE FROM queue WHERE endpoint_id = ?1 AND priority = ?2 AND seq = ?3 "
-     "RETURNING message_id"},
+     "RETURNING message_id, typeof(encoded) = 'null'"},
     {&release_message, "DELETE FROM messages WHERE id = ?1 AND refs <= 1"},
     {&unref_message, "UPDATE messages SET refs = refs - 1 WHERE id = ?1"},
     {&set_checkpoint, "UPDATE lanes SET acked_seq = ?3 WHERE endpoint_id = ?1 AND priority = ?2"},
@@ -703,10 +733,15 @@ expected<append_result> message_store::append(std::span<const append_entry> batc
   // Assign ids and seqs first; then insert the rows insert_chunk at a time with
   // multi-row INSERTs (much of SQLite's cost is per statement, not per row).
   auto& rows_out = m.scratch_rows;
+  auto& inline_rows = m.scratch_inline;
+  auto& shared = m.scratch_shared;
   auto& expiries = m.scratch_expiries;
   rows_out.clear();
+  inline_rows.clear();
+  shared.clear();
   expiries.clear();
-  for (const auto& e : batch) {
+  for (std::size_t ei = 0; ei < batch.size(); ++ei) {
+    const auto& e = batch[ei];
     const std::int64_t id = ++m.last_id;
     std::int64_t msg_expiry = -1;  // the latest of its lanes; 0 = never
     for (const auto& tg : e.targets) {
@@ -718,9 +753,12 @@ expected<append_result> message_store::append(std::span<const append_entry> batc
       ++l.length;
       const std::int64_t x = expiry_of(tg.ttl);
       msg_expiry = (x == 0 || msg_expiry == 0) ? 0 : std::max(msg_expiry, x);
-      rows_out.push_back({l.endpoint_id, l.priority, seq, id, x});
+      (e.targets.size() == 1 ? inline_rows : rows_out)
+        .push_back({l.endpoint_id, l.priority, seq, id, x, ei});
     }
     expiries.push_back(msg_expiry);
+    if (e.targets.size() > 1)
+      shared.push_back(ei);
   }
 
   int failed_rc = SQLITE_OK;
@@ -747,8 +785,26 @@ expected<append_result> message_store::append(std::span<const append_entry> batc
     }
     return {};
   };
-  if (auto r = insert_all(batch.size(), m.insert_message, m.insert_messages,
+  if (auto r = insert_all(inline_rows.size(), m.insert_inline, m.insert_inline_rows,
                           [&](binder& b, std::size_t i) {
+                            const auto& q = inline_rows[i];
+                            const auto& e = batch[q.entry];
+                            b.i64(q.endpoint_id)
+                              .i64(q.priority)
+                              .i64(q.seq)
+                              .i64(q.message_id)
+                              .i64(q.expiry_ms)
+                              .i64(now)
+                              .text(e.source.module)
+                              .text(e.source.output)
+                              .text(e.source.device)
+                              .blob(e.msg.encoded());
+                          });
+      !r)
+    return fail(std::move(r).err(), failed_rc);
+  if (auto r = insert_all(shared.size(), m.insert_message, m.insert_messages,
+                          [&](binder& b, std::size_t k) {
+                            const std::size_t i = shared[k];
                             const auto& e = batch[i];
                             b.i64(result.first_id + static_cast<std::int64_t>(i))
                               .i64(now)
@@ -840,7 +896,7 @@ expected<std::vector<queued_message>> message_store::read(std::string_view endpo
           expired.push_back(seq);
           continue;
         }
-        if (sqlite3_column_type(s, 3) == SQLITE_NULL)
+        if (sqlite3_column_type(s, 8) == SQLITE_NULL)
           return make_error(errc::store_error,
                             "message store '" + m.path + "' is corrupt: " + m.lane_name(*lane) +
                               " seq " + std::to_string(seq) + " refers to missing message id " +

@@ -9,7 +9,8 @@
 // Model:
 // - A message is stored ONCE (table `messages`: id, enqueued_ms, expiry_ms,
 //   reference count, source module/output/device, the encoded bytes exactly as
-//   message::encoded() gave them).
+//   message::encoded() gave them) — or, when it has a single destination, in
+//   its queue row itself (same columns there; one B-tree insert, not two).
 // - It is referenced by one row per destination in table `queue`, keyed by
 //   (endpoint, priority, seq). Each (endpoint, priority) pair is a *lane* with
 //   its own sequence: seqs start at 1, increase by 1 per queued message and are
@@ -177,7 +178,7 @@ struct message_store_options {
 class message_store {
  public:
   /// Schema version this build writes (PRAGMA user_version after open()).
-  static constexpr int current_schema_version = 2;
+  static constexpr int current_schema_version = 3;
   /// File name open() uses inside the data directory.
   static constexpr const char* file_name = "messages.db";
   /// Highest (lowest-urgency) priority; 0 is the most urgent.

@@ -32,4 +32,11 @@ inline std::int64_t query_int(const std::string& db_path, const std::string& sql
   return text.empty() ? -1 : std::stoll(text);
 }
 
+/// SQL counting the messages a message_store keeps: rows of `messages` (shared
+/// by several destinations) plus single-destination messages kept in their
+/// queue row.
+inline constexpr const char* count_stored_messages =
+  "SELECT (SELECT count(*) FROM messages) + "
+  "(SELECT count(*) FROM queue WHERE typeof(encoded) = 'blob')";
+
 }  // namespace canopy::unit_test

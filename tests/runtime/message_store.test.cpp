@@ -179,6 +179,39 @@ TEST_CASE("message_store: a corrupt file is an error at open, never a fresh star
   CHECK_THAT(r.err().message, Catch::Contains(file));
 }
 
+TEST_CASE("message_store: single-destination messages live in their queue row; a dangling reference is an error",
+          "[message_store]") {
+  temp_dir tmp;
+  auto s = open_ok(tmp.path);
+  append_ok(*s, entries(3, {to_a}, "one-"));
+  append_ok(*s, entries(1, {to_a, {"/modules/b/inputs/in", 0, 0ms}}, "two-"));
+  CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == 1);  // only the shared one
+  CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == 4);
+  auto w = read_ok(*s, to_a.endpoint, 0, 0, 10);
+  REQUIRE(w.size() == 4);
+  for (int i = 0; i < 3; ++i) {
+    auto m = w[static_cast<std::size_t>(i)].decode();
+    REQUIRE(m.ok());
+    CHECK(m->body() == "one-" + std::to_string(i));
+  }
+  CHECK(w[3].decode()->body() == "two-0");
+  // Acknowledging releases inline rows without touching `messages`, and the
+  // shared row only with its last reference.
+  ack_ok(*s, to_a.endpoint, 0, 4);
+  CHECK(query_int(s->path(), "SELECT refs FROM messages") == 1);
+  // A queue row whose shared message is gone is reported, not skipped.
+  {
+    sqlite3* db = nullptr;
+    REQUIRE(sqlite3_open(s->path().c_str(), &db) == SQLITE_OK);
+    REQUIRE(sqlite3_exec(db, "DELETE FROM messages", nullptr, nullptr, nullptr) == SQLITE_OK);
+    sqlite3_close(db);
+  }
+  auto bad = s->read("/modules/b/inputs/in", 0, 0, 10);
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.err().code == errc::store_error);
+  CHECK_THAT(bad.err().message, Catch::Contains("missing message id 4"));
+}
+
 TEST_CASE("message_store: another application's database is refused", "[message_store]") {
   temp_dir tmp;
   {
@@ -326,7 +359,7 @@ TEST_CASE("message_store: invalid entries are refused and nothing is written", "
   CHECK(s->queue_length(to_a.endpoint, 0) == 2);
   CHECK(s->counters().appended == 2);
   CHECK(s->lanes().size() == 1);
-  CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == 2);
+  CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == 2);
   auto r = append_ok(*s, entries(1, {to_a}));
   CHECK(r.first_id == 3);
 }
@@ -342,7 +375,7 @@ TEST_CASE("message_store: fan-out stores a message once and reclaims it after ev
   auto batch = entries(1, three, "fan");
   auto r = append_ok(*s, batch);
   CHECK(r.first_id == 1);
-  CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == 1);
+  CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == 1);
   CHECK(query_int(s->path(), "SELECT count(*) FROM queue") == 3);
   CHECK(s->counters().queued == 3);
   for (const auto& t : three) {
@@ -353,11 +386,11 @@ TEST_CASE("message_store: fan-out stores a message once and reclaims it after ev
     CHECK(w[0].encoded == batch[0].msg.encoded());
   }
   ack_ok(*s, three[0].endpoint, 0, 1);
-  CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == 1);
+  CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == 1);
   CHECK(query_int(s->path(), "SELECT refs FROM messages WHERE id = 1") == 2);
   const lane_ack both[] = {{three[1].endpoint, 0, 1}, {"$upstream", 2, 1}};
   REQUIRE(s->ack_many(both).ok());
-  CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == 0);
+  CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == 0);
   CHECK(query_int(s->path(), "SELECT count(*) FROM queue") == 0);
   CHECK(s->counters().acked == 3);
   for (const auto& t : three)
@@ -407,7 +440,7 @@ TEST_CASE("message_store: ids and seqs are never reused, even after everything w
     auto s = open_ok(tmp.path);
     append_ok(*s, entries(5, {to_a}));
     ack_ok(*s, to_a.endpoint, 0, 5);
-    CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == 0);
+    CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == 0);
   }
   auto s = open_ok(tmp.path);
   CHECK(s->queue_length(to_a.endpoint, 0) == 0);
@@ -440,7 +473,7 @@ TEST_CASE("message_store: appending and acking 100k messages does not grow the f
   REQUIRE(size.ok());
   INFO("file bytes after 20k: " << pages_at_20k << ", after 100k: " << size->file_bytes);
   CHECK(size->file_bytes <= pages_at_20k + 8 * 4096);
-  CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == 0);
+  CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == 0);
   CHECK(s->counters().acked == 200000);
   // The file holds far less than the 100k messages (~25 MB) went through it.
   CHECK(size->file_bytes < 4 * 1024 * 1024);
@@ -478,9 +511,9 @@ TEST_CASE("message_store: expired messages are skipped by read, dropped and coun
   CHECK(f[0].expiry_ms == 0);
   CHECK(s->queue_length("f", 0) == 5);
   // The messages still live for "f".
-  CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == 5);
+  CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == 5);
   ack_ok(*s, "f", 0, 5);
-  CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == 0);
+  CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == 0);
 }
 
 TEST_CASE("message_store: read skips expired rows between live ones and fills its window",
@@ -532,7 +565,7 @@ TEST_CASE("message_store: expire() drops expired rows from lanes nobody reads", 
   CHECK(s->dropped(drop_reason::ttl_expiry) == 3007);
   CHECK(s->queue_length("away", 0) == 2);
   CHECK(s->queue_length("other", 1) == 0);
-  CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == 2);
+  CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == 2);
   auto again = s->expire();
   REQUIRE(again.ok());
   CHECK(*again == 0);
@@ -613,7 +646,7 @@ TEST_CASE("message_store: a full store refuses a batch whole, with a clear error
   CHECK(last_ok > 0);
   // Nothing of the refused batch was written.
   CHECK(s->queue_length(to_a.endpoint, 0) == last_ok);
-  CHECK(query_int(s->path(), "SELECT count(*) FROM messages") == last_ok);
+  CHECK(query_int(s->path(), canopy::unit_test::count_stored_messages) == last_ok);
   CHECK(query_int(s->path(), "SELECT max(seq) FROM queue") == last_ok);
   auto size = s->size();
   REQUIRE(size.ok());

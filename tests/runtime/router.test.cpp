@@ -232,7 +232,7 @@ TEST_CASE("router: a message routed to several endpoints is stored once") {
   auto m = f.metrics(r);  // flushes
   CHECK(f.store->counters().appended == 1);
   CHECK(f.store->counters().queued == 3);
-  CHECK(canopy::unit_test::query_int(f.db(), "SELECT count(*) FROM messages") == 1);
+  CHECK(canopy::unit_test::query_int(f.db(), canopy::unit_test::count_stored_messages) == 1);
   CHECK(canopy::unit_test::query_int(f.db(), "SELECT count(*) FROM queue") == 3);
   REQUIRE(m.queues.size() == 3);
   for (auto& q : m.queues)
@@ -262,7 +262,7 @@ TEST_CASE("router: a message acknowledged before its commit is never written; on
   CHECK(m.sent == 2);
   CHECK(f.store->checkpoint(ep_b, 0) == 1);
   CHECK(f.queue_length(r, ep_b) == 0);
-  CHECK(canopy::unit_test::query_int(f.db(), "SELECT count(*) FROM messages") == 0);
+  CHECK(canopy::unit_test::query_int(f.db(), canopy::unit_test::count_stored_messages) == 0);
 }
 
 TEST_CASE("router: unacknowledged deliveries go again, in order, to the next instance") {
@@ -323,7 +323,7 @@ TEST_CASE("router: a backlog beyond the memory window waits on disk and drains i
     REQUIRE(f.next().body == std::to_string(i));
   CHECK(f.nothing());
   CHECK(f.queue_length(r, ep_b) == 0);
-  CHECK(canopy::unit_test::query_int(f.db(), "SELECT count(*) FROM messages") == 0);
+  CHECK(canopy::unit_test::query_int(f.db(), canopy::unit_test::count_stored_messages) == 0);
 }
 
 TEST_CASE("router: a restarted router resumes from the checkpoints and counts re-deliveries") {
@@ -411,7 +411,7 @@ TEST_CASE("router: a sender that waits is answered after the commit; a full stor
     .receive([&](std::uint64_t n) { targets = n; }, [](caf::error&) { FAIL("refused"); });
   CHECK(targets == 1);
   // Answered: it is in the file (read through another connection).
-  CHECK(canopy::unit_test::query_int(f.db(), "SELECT count(*) FROM messages") == 1);
+  CHECK(canopy::unit_test::query_int(f.db(), canopy::unit_test::count_stored_messages) == 1);
   (*f.self)->request(r, 5s, atoms::inject::value,
                      routed_message{message_builder{}.body("x").build(), "", "nobody", "out"})
     .receive([&](std::uint64_t n) { targets = n; }, [](caf::error&) { FAIL("refused"); });
@@ -462,7 +462,7 @@ TEST_CASE("router: with a commit per message, a sender is told durable only if i
                        routed_message{message_builder{}.body(big).build(), "", "a", "out"})
       .receive([&](std::uint64_t) { ++told_durable; }, [&](caf::error&) { ++refused; });
   CHECK(refused > 0);
-  CHECK(told_durable == canopy::unit_test::query_int(f.db(), "SELECT count(*) FROM messages"));
+  CHECK(told_durable == canopy::unit_test::query_int(f.db(), canopy::unit_test::count_stored_messages));
 }
 
 TEST_CASE("router: a store that fails (not full) keeps the batch and retries (injected clock)") {
@@ -485,7 +485,7 @@ TEST_CASE("router: a store that fails (not full) keeps the batch and retries (in
   std::uint64_t n = 0;
   answer.receive([&](std::uint64_t targets) { n = targets; }, [](caf::error&) { FAIL("refused"); });
   CHECK(n == 1);
-  CHECK(canopy::unit_test::query_int(f.db(), "SELECT count(*) FROM messages") == 1);
+  CHECK(canopy::unit_test::query_int(f.db(), canopy::unit_test::count_stored_messages) == 1);
   CHECK(f.metrics(r).dropped_store_full == 0);
 }
 
