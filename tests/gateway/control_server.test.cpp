@@ -928,14 +928,18 @@ TEST_CASE("send_stream ends when the connection breaks, reporting only what was 
   REQUIRE(feed->push(send_request{"", "sensor", "hold", message_builder().body("2").build()}));
   REQUIRE(feed->push(send_request{"", "sensor", "hold", message_builder().body("3").build()}));
   std::atomic<bool> held{false};
-  std::thread breaker([&f, &held] {
-    held = eventually([&f] { return f.node.held() == 2; });
+  std::atomic<std::size_t> answered{0};
+  // Break the connection once the first answer was reported and the other two
+  // are held (answers travel asynchronously: waiting only for the hold races).
+  std::thread breaker([&f, &held, &answered] {
+    held = eventually([&f, &answered] { return f.node.held() == 2 && answered.load() == 1; });
     f.server.stop();
   });
   std::vector<std::size_t> reported;
   auto n = client.send_stream(*feed, [&](std::size_t index, const expected<std::uint64_t>& targets) {
     CHECK(targets.ok());
     reported.push_back(index);
+    ++answered;
   });
   breaker.join();
   CHECK(held.load());
