@@ -938,11 +938,7 @@ expected<void> message_store::ack_many(std::span<const lane_ack> acks,
                                        std::span<const lane_ack> delivered) {
   impl& m = *impl_;
   // Check everything first, and find what moves.
-  struct step {
-    impl::lane_state* lane;
-    std::int64_t seq;
-    std::int64_t deleted;
-  };
+  using move = std::pair<impl::lane_state*, std::int64_t>;  // lane, new seq
   auto check = [&](const char* what, std::size_t i, const lane_ack& a) -> expected<impl::lane_state*> {
     impl::lane_state* lane = m.find_lane(a.endpoint, a.priority);
     const std::string where = std::string(what) + " " + std::to_string(i) + " (endpoint '" +
@@ -956,31 +952,29 @@ expected<void> message_store::ack_many(std::span<const lane_ack> acks,
                                                   std::to_string(lane->last_seq));
     return lane;
   };
-  std::vector<step> steps;
-  steps.reserve(acks.size());
-  for (std::size_t i = 0; i < acks.size(); ++i) {
-    auto lane = check("ack", i, acks[i]);
-    if (!lane)
-      return std::move(lane).err();
-    std::int64_t current = (*lane)->acked_seq;
-    for (const auto& st : steps)
-      if (st.lane == *lane)
-        current = std::max(current, st.seq);
-    if (acks[i].seq > current)
-      steps.push_back({*lane, acks[i].seq, 0});
-  }
-  std::vector<std::pair<impl::lane_state*, std::int64_t>> marks;
-  for (std::size_t i = 0; i < delivered.size(); ++i) {
-    auto lane = check("delivered mark", i, delivered[i]);
-    if (!lane)
-      return std::move(lane).err();
-    std::int64_t current = (*lane)->delivered_seq;
-    for (const auto& mk : marks)
-      if (mk.first == *lane)
-        current = std::max(current, mk.second);
-    if (delivered[i].seq > current)
-      marks.emplace_back(*lane, delivered[i].seq);
-  }
+  // Per lane, the highest requested seq past `current_of(lane)`, in request order.
+  auto collect = [&](const char* what, std::span<const lane_ack> requests, auto current_of,
+                     std::vector<move>& out) -> expected<void> {
+    for (std::size_t i = 0; i < requests.size(); ++i) {
+      auto lane = check(what, i, requests[i]);
+      if (!lane)
+        return std::move(lane).err();
+      std::int64_t current = current_of(**lane);
+      for (const auto& [l, seq] : out)
+        if (l == *lane)
+          current = std::max(current, seq);
+      if (requests[i].seq > current)
+        out.emplace_back(*lane, requests[i].seq);
+    }
+    return {};
+  };
+  std::vector<move> steps, marks;
+  if (auto r = collect("ack", acks, [](const impl::lane_state& l) { return l.acked_seq; }, steps); !r)
+    return r;
+  if (auto r = collect("delivered mark", delivered,
+                       [](const impl::lane_state& l) { return l.delivered_seq; }, marks);
+      !r)
+    return r;
   if (steps.empty() && marks.empty())
     return {};
 
@@ -992,12 +986,14 @@ expected<void> message_store::ack_many(std::span<const lane_ack> acks,
     m.rollback_tx();
     return e;
   };
-  for (auto& st : steps) {
-    auto n = m.delete_rows(m.delete_upto, *st.lane, st.seq);
+  std::vector<std::int64_t> deleted;
+  deleted.reserve(steps.size());
+  for (const auto& [lane, seq] : steps) {
+    auto n = m.delete_rows(m.delete_upto, *lane, seq);
     if (!n)
       return fail(std::move(n).err());
-    st.deleted = *n;
-    if (auto r = m.run(m.set_checkpoint, {st.lane->endpoint_id, st.lane->priority, st.seq}); !r)
+    deleted.push_back(*n);
+    if (auto r = m.run(m.set_checkpoint, {lane->endpoint_id, lane->priority, seq}); !r)
       return fail(std::move(r).err());
   }
   for (const auto& [lane, seq] : marks)
@@ -1005,10 +1001,11 @@ expected<void> message_store::ack_many(std::span<const lane_ack> acks,
       return fail(std::move(r).err());
   if (auto r = m.commit_tx(); !r)
     return fail(std::move(r).err());
-  for (const auto& st : steps) {
-    st.lane->acked_seq = std::max(st.lane->acked_seq, st.seq);
-    st.lane->length -= st.deleted;
-    m.counters.acked += st.deleted;
+  for (std::size_t i = 0; i < steps.size(); ++i) {
+    auto& [lane, seq] = steps[i];
+    lane->acked_seq = std::max(lane->acked_seq, seq);
+    lane->length -= deleted[i];
+    m.counters.acked += deleted[i];
   }
   for (const auto& [lane, seq] : marks)
     lane->delivered_seq = std::max(lane->delivered_seq, seq);
