@@ -232,7 +232,6 @@ struct message_store::impl {
   std::vector<queue_row> scratch_inline;   // single-destination messages
   std::vector<std::size_t> scratch_shared;  // batch indexes of the others
   std::vector<std::int64_t> scratch_expiries;
-  std::int64_t scratch_deleted = 0;
 
   std::int64_t now_ms() const {
     return options.wall_clock != nullptr ? options.wall_clock->wall_ms() : system_wall_ms();
@@ -308,6 +307,7 @@ struct message_store::impl {
   expected<std::int64_t> delete_rows(sql_statement& st, const lane_state& lane, std::int64_t seq) {
     sqlite3_stmt* s = st.get();
     scratch_ids.clear();
+    std::int64_t deleted = 0;
     {
       statement_use use(s);
       binder b(s);
@@ -315,7 +315,6 @@ struct message_store::impl {
       if (b.rc() != SQLITE_OK)
         return stmt_error(s, b.rc());
       int rc;
-      std::int64_t deleted = 0;
       while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
         ++deleted;
         // typeof(): SQLite 3.40.1 (Debian 12) evaluates `encoded IS NULL` wrongly
@@ -325,12 +324,11 @@ struct message_store::impl {
       }
       if (rc != SQLITE_DONE)
         return stmt_error(s, rc);
-      scratch_deleted = deleted;
     }
     for (const std::int64_t id : scratch_ids)
       if (auto r = release(id); !r)
         return std::move(r).err();
-    return scratch_deleted;
+    return deleted;
   }
 
   /// Deletes the given expired rows of a lane in one transaction and counts them.
@@ -1073,24 +1071,31 @@ expected<std::int64_t> message_store::expire(
 
 // -- metrics ---------------------------------------------------------------------
 
+namespace {
+
+/// `field` of the lane (endpoint, priority), or 0 for an unknown lane.
+template <class Impl, class Field>
+std::int64_t lane_field(const Impl& m, std::string_view endpoint, int priority, Field field) {
+  const auto* l = m.find_lane(endpoint, priority);
+  return l != nullptr ? l->*field : 0;
+}
+
+}  // namespace
+
 std::int64_t message_store::queue_length(std::string_view endpoint, int priority) const {
-  const auto* l = std::as_const(*impl_).find_lane(endpoint, priority);
-  return l != nullptr ? l->length : 0;
+  return lane_field(std::as_const(*impl_), endpoint, priority, &impl::lane_state::length);
 }
 
 std::int64_t message_store::checkpoint(std::string_view endpoint, int priority) const {
-  const auto* l = std::as_const(*impl_).find_lane(endpoint, priority);
-  return l != nullptr ? l->acked_seq : 0;
+  return lane_field(std::as_const(*impl_), endpoint, priority, &impl::lane_state::acked_seq);
 }
 
 std::int64_t message_store::last_seq(std::string_view endpoint, int priority) const {
-  const auto* l = std::as_const(*impl_).find_lane(endpoint, priority);
-  return l != nullptr ? l->last_seq : 0;
+  return lane_field(std::as_const(*impl_), endpoint, priority, &impl::lane_state::last_seq);
 }
 
 std::int64_t message_store::delivered_mark(std::string_view endpoint, int priority) const {
-  const auto* l = std::as_const(*impl_).find_lane(endpoint, priority);
-  return l != nullptr ? l->delivered_seq : 0;
+  return lane_field(std::as_const(*impl_), endpoint, priority, &impl::lane_state::delivered_seq);
 }
 
 std::vector<lane_status> message_store::lanes() const {

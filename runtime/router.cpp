@@ -211,7 +211,6 @@ struct router_state {
   std::uint64_t next_token = 0;
   node_metrics counters;             ///< received, sent, no_route, redelivered, mem ttl drops
   std::uint64_t store_errors_logged = 0;
-  clock::timer_id expire_timer = 0;
   std::unique_ptr<commit_job> inflight;    ///< the commit the writer runs (or failed and will retry)
   // Last member: destroyed first, joining the writer before what it uses goes.
   std::unique_ptr<commit_writer> writer;
@@ -450,15 +449,21 @@ void log_store_error(router_actor* self, const std::string& what, const error& e
                   st.store_errors_logged);
 }
 
+/// Sends `xs...` to the router itself after `delay` on the injected clock
+/// (nothing happens if the router is gone by then).
+template <class... Ts>
+void send_later(router_actor* self, clock::duration delay, Ts... xs) {
+  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
+  self->state.cfg.clk->call_after(delay, [weak, xs...] {
+    if (auto a = caf::actor_cast<caf::actor>(weak.lock()))
+      caf::anon_send(a, xs...);
+  });
+}
+
 /// Commits again after a pause (the store failed).
 void retry_later(router_actor* self) {
-  auto& st = self->state;
-  st.refill_wanted = true;
-  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
-  st.cfg.clk->call_after(std::chrono::seconds{1}, [weak] {
-    if (auto a = caf::actor_cast<caf::actor>(weak.lock()))
-      caf::anon_send(a, atoms::flush::value);
-  });
+  self->state.refill_wanted = true;
+  send_later(self, std::chrono::seconds{1}, atoms::flush::value);
 }
 
 /// Reads the next part of a spilled lane from the store into its window (in
@@ -835,12 +840,7 @@ void sweep_expired(router_actor* self) {
 }
 
 void arm_expire_timer(router_actor* self) {
-  auto& st = self->state;
-  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
-  st.expire_timer = st.cfg.clk->call_after(st.cfg.expire_interval, [weak] {
-    if (auto a = caf::actor_cast<caf::actor>(weak.lock()))
-      caf::anon_send(a, atoms::tick::value);
-  });
+  send_later(self, self->state.cfg.expire_interval, atoms::tick::value);
 }
 
 node_metrics metrics_of(router_actor* self) {
@@ -1039,11 +1039,7 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
       auto delay = st.cfg.retry_base * (std::int64_t{1} << std::min(r.retry_attempt, 20));
       delay = std::min(delay, st.cfg.retry_cap);
       ++r.retry_attempt;
-      auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
-      st.cfg.clk->call_after(delay, [weak, name] {
-        if (auto a = caf::actor_cast<caf::actor>(weak.lock()))
-          caf::anon_send(a, atoms::restart::value, name);
-      });
+      send_later(self, delay, atoms::restart::value, name);
     },
     [self](atoms::restart, const std::string& name) {
       auto it = self->state.receivers.find(name);

@@ -147,12 +147,8 @@ TEST_CASE("kill -9 mid-stream loses no acknowledged message", "[durable]") {
 
 TEST_CASE("a message store that cannot be opened stops the node with an error naming it", "[durable]") {
   canopy_node node{canopy_paths::from_env()};
-  std::filesystem::create_directories(node.data_dir());
   const std::string db = node.data_dir() + "/messages.db";
-  std::string garbage = "not a message store\n";
-  while (garbage.size() < 8192)
-    garbage += garbage;
-  write_text_file(db, garbage);
+  const std::string garbage = write_garbage_file(db, "not a message store\n");
   auto manifest = node.write_manifest("crash.json", crash_manifest(node.paths()));
   node.start(manifest);
   auto st = node.process().wait_for(20s);

@@ -15,12 +15,8 @@ using namespace std::chrono_literals;
 
 TEST_CASE("a corrupt store stops `canopy run` with an error naming the file", "[node_restart]") {
   canopy_node node{canopy_paths::from_env()};
-  std::filesystem::create_directories(node.data_dir());
   const std::string db = node.data_dir() + "/canopy.db";
-  std::string garbage = "this is not an SQLite database\n";
-  while (garbage.size() < 8192)
-    garbage += garbage;
-  write_text_file(db, garbage);
+  const std::string garbage = write_garbage_file(db, "this is not an SQLite database\n");
   auto manifest = node.write_manifest("flow.json", manifest_fixture(node.paths(), "flow.json"));
 
   for (bool with_manifest : {true, false}) {

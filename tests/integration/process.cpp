@@ -271,6 +271,15 @@ void write_text_file(const std::string& path, std::string_view text) {
     throw std::runtime_error{"cannot write " + path};
 }
 
+std::string write_garbage_file(const std::string& path, std::string_view line) {
+  std::filesystem::create_directories(std::filesystem::path{path}.parent_path());
+  std::string garbage{line};
+  while (garbage.size() < 8192)
+    garbage += garbage;
+  write_text_file(path, garbage);
+  return garbage;
+}
+
 // --- canopy_node ------------------------------------------------------------
 
 namespace {

@@ -130,6 +130,10 @@ std::string read_text_file(const std::string& path);
 /// Writes (replaces) a whole file; throws std::runtime_error naming it on failure.
 void write_text_file(const std::string& path, std::string_view text);
 
+/// Writes `line` repeated to at least 8 KiB (a file that is no database) as
+/// `path`, creating its directory; returns the contents written.
+std::string write_garbage_file(const std::string& path, std::string_view line);
+
 // --- A canopy node as the tests drive it -------------------------------------
 
 /// Where the programs and libraries under test are, from meson's test

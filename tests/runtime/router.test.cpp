@@ -116,6 +116,24 @@ struct fixture : canopy::unit_test::actor_fixture {
     return spawned.emplace_back(sys->spawn(receiver, caf::actor{*self}, name, auto_ack));
   }
 
+  /// Sends bodies "1".."n" from module a's output "out" to `r` and returns the
+  /// n deliveries that follow.
+  std::vector<got> send_and_take(caf::actor r, int n) {
+    for (int i = 1; i <= n; ++i)
+      send(r, "a", "out", std::to_string(i));
+    std::vector<got> out;
+    for (int i = 0; i < n; ++i)
+      out.push_back(next());
+    return out;
+  }
+
+  /// A receiver for module `name`, announced to router `r` as its live instance.
+  caf::actor up(caf::actor r, const std::string& name, bool auto_ack = true) {
+    auto a = make_receiver(name, auto_ack);
+    (*self)->send(r, atoms::module_up::value, name, a);
+    return a;
+  }
+
   void set_routes(caf::actor r, std::vector<route_spec> specs, std::uint32_t store_ttl = 7200) {
     int i = 0;
     for (auto& s : specs)
@@ -205,7 +223,7 @@ TEST_CASE("router: messages follow matching routes to module inputs and $upstrea
   f.rc.upstream = f.make_receiver("$upstream");
   auto r = f.router();
   f.set_routes(r, {rs(to_b), rs("FROM /messages/modules/b/* INTO $upstream")});
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, f.make_receiver("b"));
+  f.up(r, "b");
   f.send(r, "a", "out", "1");
   auto g = f.next();
   CHECK(g.receiver == "b");
@@ -244,8 +262,7 @@ TEST_CASE("router: a message acknowledged before its commit is never written; on
   f.rc.commit_interval = std::chrono::hours(1);  // commits only when told
   auto r = f.router();
   f.set_routes(r, {rs(to_b)});
-  auto b = f.make_receiver("b", false);
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, b);
+  auto b = f.up(r, "b", false);
   f.send(r, "a", "out", "1");
   f.send(r, "a", "out", "2");
   auto g1 = f.next();
@@ -269,18 +286,12 @@ TEST_CASE("router: unacknowledged deliveries go again, in order, to the next ins
   fixture f;
   auto r = f.router();
   f.set_routes(r, {rs(to_b)});
-  auto b1 = f.make_receiver("b", false);
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, b1);
-  for (int i = 1; i <= 5; ++i)
-    f.send(r, "a", "out", std::to_string(i));
-  std::vector<got> first;
-  for (int i = 0; i < 5; ++i)
-    first.push_back(f.next());
+  auto b1 = f.up(r, "b", false);
+  auto first = f.send_and_take(r, 5);
   f.tell(b1, atoms::delivered::value, first[1].token);  // 1 and 2 done
   CHECK(f.metrics(r).sent == 2);
   f.stop(b1);  // crashes with 3, 4, 5 unacknowledged
-  auto b2 = f.make_receiver("b");
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, b2);
+  f.up(r, "b");
   for (int i = 3; i <= 5; ++i)
     CHECK(f.next().body == std::to_string(i));
   CHECK(f.nothing());
@@ -295,8 +306,7 @@ TEST_CASE("router: a receiver never has more than its window unacknowledged") {
   f.rc.receiver_window = 3;
   auto r = f.router();
   f.set_routes(r, {rs(to_b)});
-  auto b = f.make_receiver("b", false);
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, b);
+  auto b = f.up(r, "b", false);
   for (int i = 1; i <= 7; ++i)
     f.send(r, "a", "out", std::to_string(i));
   std::vector<got> g;
@@ -318,7 +328,7 @@ TEST_CASE("router: a backlog beyond the memory window waits on disk and drains i
     f.send(r, "a", "out", std::to_string(i));
   CHECK(f.queue_length(r, ep_b) == 100);
   CHECK(f.store->counters().appended == 100);
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, f.make_receiver("b"));
+  f.up(r, "b");
   for (int i = 1; i <= 100; ++i)
     REQUIRE(f.next().body == std::to_string(i));
   CHECK(f.nothing());
@@ -330,13 +340,8 @@ TEST_CASE("router: a restarted router resumes from the checkpoints and counts re
   fixture f;
   auto r = f.router();
   f.set_routes(r, {rs(to_b)});
-  auto b = f.make_receiver("b", false);
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, b);
-  for (int i = 1; i <= 6; ++i)
-    f.send(r, "a", "out", std::to_string(i));
-  std::vector<got> g;
-  for (int i = 0; i < 6; ++i)
-    g.push_back(f.next());
+  auto b = f.up(r, "b", false);
+  auto g = f.send_and_take(r, 6);
   CHECK(f.metrics(r).queues.at(0).length == 6);  // all committed (no acks yet)
   f.tell(b, atoms::delivered::value, g[1].token);
   CHECK(f.metrics(r).sent == 2);
@@ -346,7 +351,7 @@ TEST_CASE("router: a restarted router resumes from the checkpoints and counts re
   // again and are counted.
   auto r2 = f.router();
   f.set_routes(r2, {rs(to_b)});
-  (*f.self)->send(r2, atoms::module_up::value, std::string{"b"}, f.make_receiver("b"));
+  f.up(r2, "b");
   for (int i = 3; i <= 6; ++i)
     CHECK(f.next().body == std::to_string(i));
   CHECK(f.nothing());
@@ -367,8 +372,7 @@ TEST_CASE("router: more urgent lanes go first, and a less urgent one is not star
   for (int i = 0; i < 10; ++i)
     f.send(r, "a", "high", "H" + std::to_string(i));
   f.metrics(r);  // everything stored before the receiver comes
-  auto b = f.make_receiver("b", false);
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, b);
+  auto b = f.up(r, "b", false);
   std::string order;
   for (int i = 0; i < 20; ++i) {
     auto g = f.next();
@@ -391,7 +395,7 @@ TEST_CASE("router: expired messages are dropped and counted (injected clock)") {
   f.send(r, "a", "keep", "kept");
   f.metrics(r);
   f.clk.advance(11s);  // past the 10 s TTL, not the 100 s one
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, f.make_receiver("b"));
+  f.up(r, "b");
   CHECK(f.next().body == "kept");
   CHECK(f.nothing());
   auto m = f.metrics(r);
@@ -513,8 +517,7 @@ TEST_CASE("router: re-deliveries after a restart count only what was handed over
   for (int i = 1; i <= 6; ++i)
     f.send(r, "a", "out", std::to_string(i));
   f.metrics(r);  // all stored
-  auto b = f.make_receiver("b", false);
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, b);
+  auto b = f.up(r, "b", false);
   auto g1 = f.next();
   f.next();
   f.tell(b, atoms::delivered::value, g1.token + 1);  // 1 and 2 done
@@ -525,7 +528,7 @@ TEST_CASE("router: re-deliveries after a restart count only what was handed over
   f.stop(b);
   auto r2 = f.router();
   f.set_routes(r2, {rs(to_b)});
-  (*f.self)->send(r2, atoms::module_up::value, std::string{"b"}, f.make_receiver("b"));
+  f.up(r2, "b");
   for (int i = 3; i <= 6; ++i)
     CHECK(f.next().body == std::to_string(i));
   CHECK(f.metrics(r2).redelivered == 2);
@@ -535,8 +538,7 @@ TEST_CASE("router: an acknowledgement is held until the outputs sent before it a
   fixture f;
   auto r = f.router();
   f.set_routes(r, {rs(to_b), rs("FROM /messages/modules/b/* INTO $upstream")});
-  auto b = f.make_receiver("b", false);
-  (*f.self)->send(r, atoms::module_up::value, std::string{"b"}, b);
+  auto b = f.up(r, "b", false);
   f.send(r, "a", "out", "in1");
   auto g = f.next();
   // b says: "done with in1, after sending 1 message" — which the router has
