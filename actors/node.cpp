@@ -1,15 +1,23 @@
 #include "actors/node.hpp"
 
+#include "actors/fleet.hpp"
 #include "actors/module_host.hpp"
+#include "actors/parent_link.hpp"
 #include "actors/node_control_impl.hpp"
 #include "actors/plugin_loader.hpp"
 #include "gateway/control_server.hpp"
+#include "gateway/hub_api.hpp"
+#include "gateway/http_server.hpp"
 #include "gateway/io_thread.hpp"
+#include "gateway/prometheus.hpp"
+#include "gateway/link.hpp"
+#include "gateway/tls.hpp"
 #include "runtime/agent.hpp"
 #include "runtime/atoms.hpp"
 #include "runtime/clock.hpp"
 #include "runtime/manifest.hpp"
 #include "runtime/message_store.hpp"
+#include "runtime/registry.hpp"
 #include "runtime/router.hpp"
 #include "runtime/store.hpp"
 #include "runtime/store_actor.hpp"
@@ -68,7 +76,7 @@ manifest_options options_for(plugin_loader& loader, std::string base_dir) {
 /// one; read by child start functions and the control bridge.
 struct node_handles {
   mutable std::mutex mtx;
-  caf::actor store, router, modules, agent;
+  caf::actor store, router, modules, agent, fleet, parent_link;
 
   caf::actor get(caf::actor node_handles::*which) const {
     std::lock_guard<std::mutex> guard{mtx};
@@ -120,6 +128,18 @@ struct node::impl {
   std::unique_ptr<node_control_impl> control;
   std::unique_ptr<io_thread> io;
   std::unique_ptr<control_server> server;
+  // The tree (issue 4).
+  std::shared_ptr<fleet_registry> registry;
+  std::unique_ptr<tls_config> tls_server, tls_client;
+  std::unique_ptr<fleet_bridge> bridge;
+  std::unique_ptr<link_server> links;
+  std::unique_ptr<link_client> uplink_client;
+  std::unique_ptr<tls_config> tls_api;
+  std::unique_ptr<http_server> metrics_http, api_http;
+  std::string api_token;
+  std::shared_ptr<link_board> parent_board = std::make_shared<link_board>();
+  std::shared_ptr<children_board> child_board = std::make_shared<children_board>();
+  route_table default_routes;
   bool stopped = false;
   std::shared_ptr<std::atomic<bool>> failed = std::make_shared<std::atomic<bool>>(false);
 };
@@ -141,6 +161,161 @@ expected<void> check_manifest_file(const std::string& path, const std::vector<st
     return make_error(dep.err().code, path + ":\n" + dep.err().message);
   return {};
 }
+
+namespace {
+
+/// The API token in `path`, or a new random one written there (mode 0600).
+expected<std::string> read_or_create_token(const std::string& path) {
+  {
+    std::ifstream in{path};
+    if (in) {
+      std::string token;
+      std::getline(in, token);
+      if (token.size() < 16)
+        return make_error(errc::invalid_argument, "API token file " + path + ": the token must have at least "
+                                                  "16 characters");
+      return token;
+    }
+  }
+  unsigned char raw[24];
+  std::ifstream rnd{"/dev/urandom", std::ios::binary};
+  if (!rnd.read(reinterpret_cast<char*>(raw), sizeof raw))
+    return make_error(errc::io_error, "cannot read /dev/urandom for a new API token");
+  static constexpr char hex[] = "0123456789abcdef";
+  std::string token;
+  for (unsigned char c : raw) {
+    token += hex[c >> 4];
+    token += hex[c & 15];
+  }
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0)
+    return make_error(errc::io_error, "cannot create API token file " + path + ": " + std::strerror(errno));
+  auto line = token + "\n";
+  const bool ok = ::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size());
+  ::close(fd);
+  if (!ok)
+    return make_error(errc::io_error, "cannot write API token file " + path);
+  spdlog::info("created a new API token in {}", path);
+  return token;
+}
+
+/// Checks the tree options, opens the fleet registry and loads the TLS
+/// identity when the node links to a parent or children (or is the hub).
+expected<void> prepare_tree(node::impl& n) {
+  auto& o = n.opts;
+  if (o.role != "edge" && o.role != "hub")
+    return make_error(errc::invalid_argument, "--role: '" + o.role + "' is neither 'edge' nor 'hub'");
+  const bool hub = o.role == "hub";
+  if (hub && !o.parent_address.empty())
+    return make_error(errc::invalid_argument, "--parent: the hub is the root of the tree and has no parent");
+  if (!o.parent_address.empty() && o.parent_id.empty())
+    return make_error(errc::invalid_argument, "--parent-id: required with --parent (the id the parent's "
+                                              "certificate names)");
+  if (!o.api_listen.empty() && !hub)
+    return make_error(errc::invalid_argument, "--api-listen: only the hub (--role hub) serves the operator API");
+  const bool links = !o.link_listen.empty() || !o.parent_address.empty() || !o.api_listen.empty();
+  if (!hub && !links)
+    return {};
+  auto reg = fleet_registry::open(o.data_dir, o.device_id, n.clk);
+  if (!reg)
+    return std::move(reg).err();
+  n.registry = std::move(*reg);
+  if (!links)
+    return {};
+  if (!o.certs_dir.empty()) {
+    auto dir = fs::path{o.certs_dir};
+    if (o.cert_path.empty()) o.cert_path = (dir / (o.device_id + ".crt")).string();
+    if (o.key_path.empty()) o.key_path = (dir / (o.device_id + ".key")).string();
+    if (o.ca_path.empty()) o.ca_path = (dir / "ca.crt").string();
+  }
+  if (o.cert_path.empty() || o.key_path.empty() || o.ca_path.empty())
+    return make_error(errc::invalid_argument, "links need a certificate: give --certs DIR, or --cert, --key "
+                                              "and --ca (create them with `canopyctl certs`)");
+  tls_files files{o.cert_path, o.key_path, o.ca_path};
+  if (!o.link_listen.empty()) {
+    auto t = tls_config::load(files, tls_role::server_verify_clients);
+    if (!t)
+      return std::move(t).err();
+    if (!(*t)->problem().empty())
+      spdlog::error("{}: children will refuse this node until it is renewed", (*t)->problem());
+    n.tls_server = std::move(*t);
+  }
+  if (!o.parent_address.empty()) {
+    auto t = tls_config::load(files, tls_role::client);
+    if (!t)
+      return std::move(t).err();
+    if (!(*t)->problem().empty())
+      spdlog::error("{}: the parent will refuse this node until it is renewed; running offline", (*t)->problem());
+    n.tls_client = std::move(*t);
+  }
+  if (!o.api_listen.empty()) {
+    auto t = tls_config::load(files, tls_role::server);
+    if (!t)
+      return std::move(t).err();
+    n.tls_api = std::move(*t);
+    if (o.api_token_file.empty())
+      o.api_token_file = (fs::path{o.data_dir} / "api-token").string();
+    auto token = read_or_create_token(o.api_token_file);
+    if (!token)
+      return std::move(token).err();
+    n.api_token = std::move(*token);
+  }
+  return {};
+}
+
+/// Serves /metrics: the router's counters, the modules and the links.
+expected<void> start_metrics(node::impl& n) {
+  http_options ho;
+  ho.listen = n.opts.metrics_listen;
+  n.metrics_http = std::make_unique<http_server>(std::move(ho));
+  auto* np = &n;
+  n.metrics_http->route("GET", "/metrics", [np](http_request, std::function<void(http_response)> reply) {
+    np->control->metrics([np, reply](expected<node_metrics> m) {
+      if (!m) {
+        reply(http_response{503, "text/plain", m.err().message + "\n", {}});
+        return;
+      }
+      np->control->list([np, reply, m = std::move(*m)](expected<std::vector<module_row>> rows) mutable {
+        metrics_snapshot s;
+        s.device_id = np->opts.device_id;
+        s.links = m.links;
+        for (auto& l : s.links)
+          if (l.role == "child" && l.up)
+            ++s.connected_clients;
+        s.messages = std::move(m);
+        if (rows)
+          s.modules = std::move(*rows);
+        s.now_ms = np->clk.wall_ms();
+        reply(http_response{200, prometheus_content_type, render_prometheus(s), {}});
+      });
+    });
+  });
+  if (auto r = n.metrics_http->start(*n.io); !r) {
+    auto err = std::move(r).err();
+    return make_error(err.code, "--metrics-listen " + n.opts.metrics_listen + ": " + err.message);
+  }
+  spdlog::info("metrics: http://{}/metrics (port {})", n.opts.metrics_listen, n.metrics_http->port());
+  return {};
+}
+
+/// Serves the hub's operator REST API (HTTPS, bearer token).
+expected<void> start_api(node::impl& n) {
+  http_options ho;
+  ho.listen = n.opts.api_listen;
+  ho.tls = &n.tls_api->context();
+  ho.bearer_token = n.api_token;
+  n.api_http = std::make_unique<http_server>(std::move(ho));
+  add_hub_routes(*n.api_http, *n.bridge);
+  if (auto r = n.api_http->start(*n.io); !r) {
+    auto err = std::move(r).err();
+    return make_error(err.code, "--api-listen " + n.opts.api_listen + ": " + err.message);
+  }
+  spdlog::info("operator API: https://{} (port {}); token in {}", n.opts.api_listen, n.api_http->port(),
+               n.opts.api_token_file);
+  return {};
+}
+
+}  // namespace
 
 expected<std::unique_ptr<node>> node::start(node_options opts) {
   auto p = std::make_unique<impl>();
@@ -177,6 +352,15 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
   if (!messages)
     return std::move(messages).err();
   n.messages = std::move(*messages);
+  {
+    auto routes = compile_routes({route_spec{"default", "FROM /* INTO $upstream"}}, 7200);
+    if (!routes)
+      return std::move(routes).err();
+    n.default_routes = std::move(*routes);
+  }
+  // The node's place in the tree: registry, certificates.
+  if (auto r = prepare_tree(n); !r)
+    return std::move(r).err();
   // 3. Module loading and the deployment to run.
   n.loader = std::make_unique<plugin_loader>(make_builtin_catalog());
   for (auto& d : n.opts.module_path)
@@ -253,8 +437,14 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
   router_child.id = "router";
   router_child.start = [hp, np](caf::actor_system& sys) {
     router_config rc;
-    rc.upstream = hp->get(&node_handles::store);
+    // A child's $upstream is its parent link, which announces itself when
+    // connected; elsewhere it is the local telemetry store.
+    rc.upstream = np->opts.parent_address.empty() ? hp->get(&node_handles::store)
+                                                  : hp->get(&node_handles::parent_link);
     rc.store = np->messages;
+    // Until a deployment says otherwise, everything goes up the tree (as
+    // IoT Edge's default route `FROM /messages/* INTO $upstream`).
+    rc.initial_routes = np->default_routes;
     rc.clk = &np->clk;
     auto a = spawn_router(sys, rc);
     hp->set(&node_handles::router, a);
@@ -336,10 +526,34 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
     *n.sys, [hp] { return hp->get(&node_handles::agent); },
     [hp] { return hp->get(&node_handles::store); },
     [hp] { return hp->get(&node_handles::router); }, *n.logs, *n.loader);
-  if (!n.opts.socket_path.empty()) {
+  const bool network = !n.opts.socket_path.empty() || !n.opts.link_listen.empty() ||
+                       !n.opts.parent_address.empty() || !n.opts.metrics_listen.empty() ||
+                       !n.opts.api_listen.empty();
+  if (network) {
     n.io = std::make_unique<io_thread>();
     if (auto r = n.io->start(); !r)
       return std::move(r).err();
+  }
+  if (n.registry)
+    n.bridge = std::make_unique<fleet_bridge>(*n.sys, [hp] { return hp->get(&node_handles::fleet); });
+  if (!n.opts.parent_address.empty()) {
+    link_client_options lo;
+    lo.parent_address = n.opts.parent_address;
+    lo.parent_id = n.opts.parent_id;
+    lo.node_id = n.opts.device_id;
+    lo.tls = n.tls_client.get();
+    n.uplink_client = std::make_unique<link_client>(*n.io, std::move(lo), *n.bridge);
+  }
+  n.control->set_metrics_extra([np](node_metrics& m) {
+    const auto now = np->clk.wall_ms();
+    if (np->uplink_client)
+      m.links.push_back(np->parent_board->snapshot(now));
+    std::lock_guard<std::mutex> guard{np->child_board->mtx};
+    for (auto& [id, l] : np->child_board->children)
+      m.links.push_back(l);
+    m.refused_messages = np->child_board->refused_messages;
+  });
+  if (!n.opts.socket_path.empty()) {
     n.server = std::make_unique<control_server>(n.opts.socket_path, *n.control);
     if (auto r = n.server->start(*n.io); !r) {
       auto err = std::move(r).err();
@@ -347,8 +561,76 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
     }
     spdlog::info("control socket: {}", n.opts.socket_path);
   }
+  if (!n.opts.metrics_listen.empty())
+    if (auto r = start_metrics(n); !r)
+      return std::move(r).err();
+  if (!n.opts.api_listen.empty())
+    if (auto r = start_api(n); !r)
+      return std::move(r).err();
+  // Children may connect from now on; until the fleet actor runs they are
+  // told to try again.
+  if (!n.opts.link_listen.empty()) {
+    link_server_options so;
+    so.listen = n.opts.link_listen;
+    so.node_id = n.opts.device_id;
+    so.tls = n.tls_server.get();
+    n.links = std::make_unique<link_server>(std::move(so), *n.bridge);
+    if (auto r = n.links->start(*n.io); !r) {
+      auto err = std::move(r).err();
+      return make_error(err.code, "--link-listen " + n.opts.link_listen + ": " + err.message);
+    }
+    spdlog::info("accepting child gateways on {} (port {})", n.opts.link_listen, n.links->port());
+  }
   // 6. The tree.
   root_cfg.children = {store_child, router_child, agent_child, modules_child};
+  if (n.registry) {
+    child_spec fleet_child;
+    fleet_child.id = "fleet";
+    fleet_child.start = [hp, np](caf::actor_system& sys) {
+      fleet_config fc;
+      fc.node_id = np->opts.device_id;
+      fc.hub = np->opts.role == "hub";
+      fc.registry = np->registry;
+      fc.router = [hp] { return hp->get(&node_handles::router); };
+      fc.agent = [hp] { return hp->get(&node_handles::agent); };
+      fc.store = [hp] { return hp->get(&node_handles::store); };
+      fc.clk = &np->clk;
+      fc.board = np->child_board;
+      auto a = spawn_fleet(sys, std::move(fc));
+      hp->set(&node_handles::fleet, a);
+      return a;
+    };
+    root_cfg.children.push_back(fleet_child);
+  }
+  if (n.uplink_client) {
+    // upstream (one_for_one) └── the parent link
+    child_spec upstream_child;
+    upstream_child.id = "upstream";
+    upstream_child.start = [hp, np](caf::actor_system& sys) {
+      child_spec link_child;
+      link_child.id = "parent";
+      link_child.start = [hp, np](caf::actor_system& sys) {
+        parent_link_config pc;
+        pc.link = np->uplink_client.get();
+        pc.router = [hp] { return hp->get(&node_handles::router); };
+        pc.clk = &np->clk;
+        pc.board = np->parent_board;
+        pc.parent_id = np->opts.parent_id;
+        pc.identity_problem = np->tls_client->problem();
+        auto a = spawn_parent_link(sys, std::move(pc));
+        hp->set(&node_handles::parent_link, a);
+        return a;
+      };
+      supervisor_config uc;
+      uc.name = "upstream";
+      uc.strategy = supervision_strategy::one_for_one;
+      uc.intensity = restart_intensity{10, std::chrono::seconds{60}};
+      uc.clk = &np->clk;
+      uc.children = {link_child};
+      return spawn_supervisor(sys, std::move(uc));
+    };
+    root_cfg.children.push_back(upstream_child);
+  }
   n.root = spawn_supervisor(*n.sys, std::move(root_cfg));
   // If the root itself gives up (its restart intensity exceeded), the process
   // must end so that the service manager restarts it: a node with no actors
@@ -361,7 +643,7 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
     spdlog::critical("the node's root supervisor gave up; stopping the process");
     ::kill(::getpid(), SIGTERM);
   });
-  spdlog::info("node '{}' started (data dir {})", n.opts.device_id, n.opts.data_dir);
+  spdlog::info("node '{}' started (data dir {}, role {})", n.opts.device_id, n.opts.data_dir, n.opts.role);
   return std::unique_ptr<node>{new node(std::move(p))};
 }
 
@@ -376,6 +658,14 @@ void node::stop() {
   // stops its children in reverse start order: agent, modules, router, store).
   if (n.server)
     n.server->stop();
+  if (n.api_http)
+    n.api_http->stop();
+  if (n.metrics_http)
+    n.metrics_http->stop();
+  if (n.links)
+    n.links->stop();
+  if (n.uplink_client)
+    n.uplink_client->stop();
   if (n.io)
     n.io->stop();
   if (n.root) {

@@ -32,6 +32,25 @@ struct node_options {
   /// Size limit of the message store (data_dir/messages.db) in bytes; 0 = none.
   /// At the limit the node refuses new messages ("store full") and counts them.
   std::int64_t max_store_bytes = 0;
+
+  // --- The tree (issue 4) ---
+  /// "edge" (a device or gateway) or "hub" (the root: owns the fleet registry,
+  /// keeps telemetry, serves the operator API).
+  std::string role = "edge";
+  /// The node's certificate, key and the fleet's root CA (PEM). Required for
+  /// links; `certs_dir` fills unset ones with DIR/<id>.crt, DIR/<id>.key, DIR/ca.crt.
+  std::string cert_path, key_path, ca_path, certs_dir;
+  /// Children connect here ("host:port"); "" = none.
+  std::string link_listen;
+  /// The parent ("host:port") and its id (its certificate names it); "" = none.
+  std::string parent_address, parent_id;
+  /// Prometheus text on http://<metrics_listen>/metrics; "" = none.
+  std::string metrics_listen;
+  /// The hub's operator REST API on https://<api_listen>/ (hub only); "" = none.
+  std::string api_listen;
+  /// The API's bearer token; created (random, mode 0600) if missing.
+  /// Default: DATA/api-token.
+  std::string api_token_file;
 };
 
 /// A running node.

@@ -229,8 +229,12 @@ void node_control_impl::metrics(reply_fn<node_metrics> done) {
     return;
   }
   ask(sys_, std::move(router), caf::duration{control_timeout},
-      [done](node_metrics& m) { done(std::move(m)); }, [done](error err) { done(std::move(err)); },
-      atoms::stats::value);
+      [done, extra = extra_metrics_](node_metrics& m) {
+        if (extra)
+          extra(m);
+        done(std::move(m));
+      },
+      [done](error err) { done(std::move(err)); }, atoms::stats::value);
 }
 
 void node_control_impl::send(std::string device, std::string module, std::string output,

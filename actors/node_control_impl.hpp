@@ -46,6 +46,10 @@ class node_control_impl final : public node_control {
   void send(std::string device, std::string module, std::string output, message msg,
             reply_fn<std::uint64_t> done) override;
 
+  /// Adds what the router does not know to every metrics answer (the links).
+  /// `fill` runs on arbitrary threads. Set before the control socket serves.
+  void set_metrics_extra(std::function<void(node_metrics&)> fill) { extra_metrics_ = std::move(fill); }
+
  private:
   struct subscription;
 
@@ -53,6 +57,7 @@ class node_control_impl final : public node_control {
   std::function<caf::actor()> agent_;
   std::function<caf::actor()> store_;
   std::function<caf::actor()> router_;
+  std::function<void(node_metrics&)> extra_metrics_;
   log_hub& logs_;
   plugin_loader& loader_;
   std::atomic<subscription_id> next_id_{1};

@@ -508,6 +508,20 @@ expected<node_metrics> control_client::metrics() {
     out.commit_p50_us = m.getCommitP50Us();
     out.commit_p99_us = m.getCommitP99Us();
     out.commit_max_us = m.getCommitMaxUs();
+    for (auto l : m.getLinks()) {
+      link_metrics row;
+      row.peer = l.getPeer();
+      row.role = l.getRole();
+      row.up = l.getUp();
+      row.rtt_us = l.getRttUs();
+      row.connects = l.getConnects();
+      row.disconnects = l.getDisconnects();
+      row.offline_ms_total = l.getOfflineMsTotal();
+      row.last_change_ms = l.getLastChangeMs();
+      row.last_error = l.getLastError();
+      out.links.push_back(std::move(row));
+    }
+    out.refused_messages = m.getRefusedMessages();
     return out;
   });
   return impl_->call<node_metrics>(kj::mv(call), "metrics");

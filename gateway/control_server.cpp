@@ -5,6 +5,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "gateway/io_thread.hpp"
+#include "gateway/reply_bridge.hpp"
 
 #include <control.capnp.h>
 
@@ -40,6 +41,7 @@ schema::ErrorCode to_schema(errc code) {
     case errc::timeout: return schema::ErrorCode::TIMEOUT;
     case errc::unavailable: return schema::ErrorCode::UNAVAILABLE;
     case errc::failed: return schema::ErrorCode::FAILED;
+    case errc::already_exists: return schema::ErrorCode::INVALID_ARGUMENT;
   }
   return schema::ErrorCode::FAILED;
 }
@@ -58,30 +60,6 @@ bool set_status(schema::Status::Builder status, const expected<T>& result) {
   }
   set_error(status, result.err());
   return false;
-}
-
-// --- Hand-off of one reply from an arbitrary thread to the I/O thread --------
-
-template <class T>
-struct reply_bridge {
-  kj::Promise<expected<T>> promise;
-  reply_fn<T> callback;
-};
-
-/// On the I/O thread: a promise and a node_control callback that fulfils it from
-/// any thread without blocking. If the call was cancelled meanwhile (client
-/// gone), fulfilling is a no-op; if node_control drops the callback unused, the
-/// call fails with errc::failed.
-template <class T>
-reply_bridge<T> make_bridge(const char* what) {
-  auto paf = kj::newPromiseAndCrossThreadFulfiller<expected<T>>();
-  // std::function needs a copyable functor: share the (move-only) fulfiller.
-  auto fulfiller =
-      std::make_shared<kj::Own<kj::CrossThreadPromiseFulfiller<expected<T>>>>(kj::mv(paf.fulfiller));
-  auto promise = paf.promise.catch_([what](kj::Exception&&) -> expected<T> {
-    return make_error(errc::failed, std::string(what) + ": the node dropped the request without an answer");
-  });
-  return {kj::mv(promise), [fulfiller](expected<T> result) { (*fulfiller)->fulfill(kj::mv(result)); }};
 }
 
 // --- Subscriptions -----------------------------------------------------------
@@ -326,6 +304,21 @@ class control_service final : public schema::Control::Server {
       out.setCommitP50Us(m->commit_p50_us);
       out.setCommitP99Us(m->commit_p99_us);
       out.setCommitMaxUs(m->commit_max_us);
+      auto links = out.initLinks(static_cast<unsigned>(m->links.size()));
+      for (unsigned i = 0; i < m->links.size(); ++i) {
+        const auto& l = m->links[i];
+        auto o = links[i];
+        o.setPeer(l.peer);
+        o.setRole(l.role);
+        o.setUp(l.up);
+        o.setRttUs(l.rtt_us);
+        o.setConnects(l.connects);
+        o.setDisconnects(l.disconnects);
+        o.setOfflineMsTotal(l.offline_ms_total);
+        o.setLastChangeMs(l.last_change_ms);
+        o.setLastError(l.last_error);
+      }
+      out.setRefusedMessages(m->refused_messages);
     });
   }
 

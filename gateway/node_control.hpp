@@ -54,6 +54,7 @@ struct upstream_record {
   std::string source_module;
   std::string output;
   message msg;
+  std::string source_device{};  ///< connectionDeviceId of the sender ("" if stored before it was kept)
 };
 
 template <class T>

@@ -36,6 +36,14 @@ using nack = caf::atom_constant<caf::atom("nack")>;
 using resume = caf::atom_constant<caf::atom("resume")>;
 using committed = caf::atom_constant<caf::atom("committed")>;
 
+// links between nodes (actors/parent_link.hpp, actors/fleet.hpp)
+using link_up = caf::atom_constant<caf::atom("linkup")>;
+using link_down = caf::atom_constant<caf::atom("linkdown")>;
+using uploaded = caf::atom_constant<caf::atom("uploaded")>;
+using ping = caf::atom_constant<caf::atom("ping")>;
+using pong = caf::atom_constant<caf::atom("pong")>;
+using connect = caf::atom_constant<caf::atom("connect")>;
+
 // agent (runtime/agent.hpp) and control
 using deploy = caf::atom_constant<caf::atom("deploy")>;
 using list = caf::atom_constant<caf::atom("list")>;
@@ -51,5 +59,6 @@ using get = caf::atom_constant<caf::atom("get")>;
 using forget = caf::atom_constant<caf::atom("forget")>;
 using unsubscribe = caf::atom_constant<caf::atom("unsub")>;
 using flush = caf::atom_constant<caf::atom("flush")>;
+using query = caf::atom_constant<caf::atom("query")>;
 
 }  // namespace canopy::atoms

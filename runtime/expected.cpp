@@ -12,6 +12,7 @@ const char* to_string(errc code) noexcept {
     case errc::timeout: return "timeout";
     case errc::unavailable: return "unavailable";
     case errc::failed: return "failed";
+    case errc::already_exists: return "already_exists";
   }
   return "unknown";
 }

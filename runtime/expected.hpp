@@ -19,6 +19,7 @@ enum class errc {
   timeout,               ///< no answer within the deadline
   unavailable,           ///< the target exists but is not running now
   failed,                ///< the operation ran and failed (e.g. a handler threw)
+  already_exists,        ///< a thing with that name/id exists already (e.g. a device id)
 };
 
 /// Short, stable name of an errc, for logs and CLI output.

@@ -18,6 +18,19 @@ struct queue_metrics {
   std::int64_t last_seq = 0;   ///< highest seq given to a stored message
 };
 
+/// One link between two nodes of the tree (issue 4), as one end sees it.
+struct link_metrics {
+  std::string peer;                   ///< the other node's id (its certificate's subject CN)
+  std::string role;                   ///< "parent" (the link to our parent) | "child"
+  bool up = false;                    ///< connected and authenticated now
+  std::int64_t rtt_us = 0;            ///< last measured round-trip time; 0 = none yet
+  std::uint64_t connects = 0;         ///< successful connections since start
+  std::uint64_t disconnects = 0;      ///< connections lost since start
+  std::int64_t offline_ms_total = 0;  ///< time spent down since start (parent link), until now
+  std::int64_t last_change_ms = 0;    ///< wall clock (ms since epoch) of the last up/down change
+  std::string last_error;             ///< why the last attempt or connection failed ("" = none)
+};
+
 /// Counters since the node (router) started, and the store's state now.
 struct node_metrics {
   std::uint64_t received = 0;            ///< messages that entered the router
@@ -34,6 +47,8 @@ struct node_metrics {
   std::int64_t commit_p50_us = 0;        ///< commit latency over the recent commits
   std::int64_t commit_p99_us = 0;
   std::int64_t commit_max_us = 0;
+  std::vector<link_metrics> links;       ///< the parent link and child links (issue 4)
+  std::uint64_t refused_messages = 0;    ///< uploads of children outside their subtree
 };
 
 }  // namespace canopy

@@ -1,5 +1,7 @@
 #include "runtime/router.hpp"
 
+#include "runtime/send_later.hpp"
+
 #include "runtime/atoms.hpp"
 #include "runtime/clock.hpp"
 #include "runtime/message_store.hpp"
@@ -453,11 +455,7 @@ void log_store_error(router_actor* self, const std::string& what, const error& e
 /// (nothing happens if the router is gone by then).
 template <class... Ts>
 void send_later(router_actor* self, clock::duration delay, Ts... xs) {
-  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
-  self->state.cfg.clk->call_after(delay, [weak, xs...] {
-    if (auto a = caf::actor_cast<caf::actor>(weak.lock()))
-      caf::anon_send(a, xs...);
-  });
+  canopy::send_later(self, *self->state.cfg.clk, delay, xs...);
 }
 
 /// Commits again after a pause (the store failed).
@@ -911,6 +909,10 @@ void module_up(router_actor* self, const std::string& name, caf::actor instance,
   st.by_instance[instance.address()] = &r;
   r.routed = sent;
   r.held_token = 0;
+  // A receiver that announces itself (again) is ready now: a $upstream link
+  // that reconnected must not wait out the backoff of its last nack.
+  r.retry_wait = false;
+  r.retry_attempt = 0;
   reset_outstanding(r);
   if (std::any_of(r.lanes.begin(), r.lanes.end(), [](const lane* l) { return l->spilled; })) {
     self->state.refill_wanted = true;
@@ -922,6 +924,8 @@ void module_up(router_actor* self, const std::string& name, caf::actor instance,
 caf::behavior router_impl(router_actor* self, router_config cfg) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
+  if (st.cfg.initial_routes)
+    st.routes = st.cfg.initial_routes;
   {
     auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
     st.writer = std::make_unique<commit_writer>(st.cfg.store, [weak] {

@@ -10,7 +10,8 @@
 //                                               delivered and acknowledged before that); an
 //                                               error "store full: ..." if refused
 //   (set_routes, route_table)                   a deployment's compiled routes
-//   (module_up, std::string name, caf::actor)   an instance of module `name` is ready for
+//   (module_up, std::string name, caf::actor)   an instance of module `name` (or of the
+//                                               "$upstream" receiver: a parent link) is ready for
 //                                               input; the router monitors it
 //   (delivered, std::string receiver, uint64 token)   receiver acknowledges every delivery
 //                                               up to `token` (cumulative)
@@ -124,6 +125,9 @@ struct router_config {
   std::chrono::milliseconds retry_base{100};
   std::chrono::milliseconds retry_cap{30000};
   std::chrono::milliseconds expire_interval{10000};  ///< sweep of expired rows in idle lanes
+  /// The routes in force until the first (set_routes): a node that runs no
+  /// deployment yet (null = none: every message is dropped as no_route).
+  route_table initial_routes;
 };
 
 /// Spawns the router.

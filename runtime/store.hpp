@@ -4,7 +4,9 @@
 // `data_dir/canopy.db`, in WAL mode with synchronous=FULL: a write that returned
 // is on disk. It holds the last applied deployment, module status, the reported
 // properties of each module, and the messages that reached the $upstream
-// endpoint of a node with no parent (read by `canopyctl monitor`).
+// endpoint of a node with no parent — on the hub, the fleet's telemetry store,
+// queried by source device and time (`canopyctl telemetry`) and watched live
+// (`canopyctl monitor`).
 //
 // Threading: a node_store is NOT thread-safe. It has one owner at a time (the
 // store actor, or a test, or a tool); that owner may call any member from the
@@ -94,16 +96,20 @@ struct upstream_entry {
   std::string_view output;         ///< its output name
   std::int64_t enqueued_ms = 0;    ///< wall clock when it reached $upstream
   std::string_view encoded;        ///< message::encoded() bytes
+  std::string_view source_device = {};  ///< connectionDeviceId of the sender
 };
 
 /// The node's SQLite store. See the file comment for threading and errors.
 class node_store {
  public:
   /// Schema version this build writes (PRAGMA user_version after open()).
-  static constexpr int current_schema_version = 1;
+  static constexpr int current_schema_version = 2;
 
   /// Default bound of the $upstream table (see trim_upstream).
   static constexpr std::int64_t default_upstream_keep = 100000;
+
+  /// Most records one query_upstream call returns (a larger limit is capped).
+  static constexpr std::size_t max_query_limit = 10000;
 
   /// How long a write waits for another connection's lock (PRAGMA busy_timeout).
   static constexpr int busy_timeout_ms = 5000;
@@ -185,6 +191,18 @@ class node_store {
   /// decode is a store_error naming its seq.
   expected<std::vector<upstream_record>> read_upstream(std::int64_t after_seq, std::size_t limit);
 
+  /// The records of `device` ("" = every device) with enqueued_ms >= since_ms
+  /// and seq > after_seq, oldest (lowest seq) first, at most `limit` of them
+  /// (capped at max_query_limit; 0 = none). Page through a result by passing the
+  /// last seq returned as the next after_seq. With a device, the scan covers
+  /// only that device's records since since_ms (index upstream_by_device), then
+  /// sorts them by seq; without, it walks the table in seq order from after_seq,
+  /// at most the whole table (bounded by trim_upstream). Decoding and errors as
+  /// in read_upstream.
+  expected<std::vector<upstream_record>> query_upstream(const std::string& device,
+                                                        std::int64_t since_ms,
+                                                        std::int64_t after_seq, std::size_t limit);
+
   /// Deletes all but the newest `keep_last_n` records; returns how many went.
   expected<std::int64_t> trim_upstream(std::int64_t keep_last_n = default_upstream_keep);
 
@@ -196,6 +214,9 @@ class node_store {
 
  private:
   expected<void> prepare_statements();
+  /// Steps `s` (bound by the caller) and decodes every row it returns
+  /// (seq, enqueued_ms, source_module, output, message, source_device).
+  expected<std::vector<upstream_record>> collect_upstream(sqlite3_stmt* s);
   std::int64_t wall_ms() const;
   /// The store_error for statement `s` failing with `rc`, naming this file.
   error stmt_error(sqlite3_stmt* s, int rc) const;
@@ -219,6 +240,8 @@ class node_store {
   detail::sql_statement delete_reported_;
   detail::sql_statement append_upstream_;
   detail::sql_statement read_upstream_;
+  detail::sql_statement query_upstream_all_;
+  detail::sql_statement query_upstream_device_;
   detail::sql_statement trim_upstream_;
   detail::sql_statement count_upstream_;
   detail::sql_statement last_upstream_seq_;

@@ -39,7 +39,7 @@ void flush(store_actor* self) {
   std::vector<upstream_entry> entries;
   entries.reserve(st.batch.size());
   for (auto& rm : st.batch)
-    entries.push_back(upstream_entry{rm.module, rm.output, now, rm.msg.encoded()});
+    entries.push_back(upstream_entry{rm.module, rm.output, now, rm.msg.encoded(), rm.device});
   auto seqs = st.store->append_upstream(entries);
   if (!seqs) {
     // The router keeps the messages in its store and hands them over again
@@ -58,7 +58,8 @@ void flush(store_actor* self) {
   st.appended += st.batch.size();
   if (!st.subscribers.empty()) {
     for (std::size_t i = 0; i < st.batch.size(); ++i) {
-      upstream_record rec{(*seqs)[i], now, st.batch[i].module, st.batch[i].output, st.batch[i].msg};
+      const auto& rm = st.batch[i];
+      upstream_record rec{(*seqs)[i], now, rm.module, rm.output, rm.msg, rm.device};
       for (auto& [id, cb] : st.subscribers)
         (*cb)(rec);
     }
@@ -143,6 +144,17 @@ caf::behavior store_impl(store_actor* self, std::shared_ptr<node_store> store, c
       st.subscribers.emplace(id, std::move(cb));
     },
     [self](atoms::unsubscribe, std::uint64_t id) { self->state.subscribers.erase(id); },
+    [self](atoms::query, const std::string& device, std::int64_t since_ms, std::int64_t after_seq,
+           std::uint64_t limit) -> caf::result<std::vector<upstream_record>> {
+      // What the router handed over before the query is part of the answer.
+      flush(self);
+      auto recs = self->state.store->query_upstream(device, since_ms, after_seq, limit);
+      if (!recs) {
+        log_failure("querying $upstream", recs.err());
+        return caf::make_error(caf::sec::runtime_error, std::move(recs).err().message);
+      }
+      return std::move(*recs);
+    },
   };
 }
 

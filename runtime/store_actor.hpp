@@ -1,6 +1,7 @@
 // The store actor: the one owner of the node's SQLite connection while the node
 // runs (DESIGN.md: core/store). Persists what the agent reports and keeps the
-// messages that reach $upstream on a node with no parent, for `canopyctl monitor`.
+// messages that reach $upstream on a node with no parent (on the hub: the fleet's
+// telemetry), for `canopyctl monitor` and `canopyctl telemetry`.
 //
 // Protocol (atoms in runtime/atoms.hpp):
 //   (put, module_row)                      save a module's runtime state
@@ -12,9 +13,16 @@
 //                                          acknowledged to the router as (delivered,
 //                                          "$upstream", token) after the commit (or (nack,
 //                                          "$upstream") if the write failed), then pushed to
-//                                          subscribers
+//                                          subscribers; each record names its source
+//                                          device (routed_message::device)
 //   (subscribe, uint64 id, int64 after_seq, uint64 backlog, upstream_callback)
 //   (unsubscribe, uint64 id)
+//   (query, std::string device, int64 since_ms, int64 after_seq, uint64 limit)
+//     -> std::vector<upstream_record>      node_store::query_upstream ("" = every
+//                                          device; limit capped at 10000), after
+//                                          writing what is batched; a store failure
+//                                          answers caf::sec::runtime_error with the
+//                                          store's message as context
 // Write errors are logged, counted and never crash the node's other parts.
 #pragma once
 
@@ -26,6 +34,7 @@
 
 #include <functional>
 #include <memory>
+#include <vector>
 
 namespace canopy {
 
@@ -39,3 +48,4 @@ caf::actor spawn_store_actor(caf::actor_system& sys, std::shared_ptr<node_store>
 }  // namespace canopy
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::upstream_callback)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::vector<canopy::upstream_record>)

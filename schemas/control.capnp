@@ -77,6 +77,21 @@ struct Metrics {
   commitP50Us @11 :Int64;
   commitP99Us @12 :Int64;
   commitMaxUs @13 :Int64;
+  links @14 :List(Link);       # the parent link and the child links
+  refusedMessages @15 :UInt64; # uploads of children outside their subtree
+}
+
+# One link between two nodes of the tree (canopy::link_metrics).
+struct Link {
+  peer @0 :Text;
+  role @1 :Text;               # "parent" | "child"
+  up @2 :Bool;
+  rttUs @3 :Int64;
+  connects @4 :UInt64;
+  disconnects @5 :UInt64;
+  offlineMsTotal @6 :Int64;
+  lastChangeMs @7 :Int64;
+  lastError @8 :Text;
 }
 
 # Implemented by the client: receives the lines of `followLogs`.

@@ -38,6 +38,20 @@ int main(int argc, char** argv) {
                   "Size limit of the message store in MiB (0 = none): at the limit new messages "
                   "are refused with \"store full\" instead of filling the disk")
     ->check(CLI::NonNegativeNumber);
+  run->add_option("--role", opts.role, "edge | hub (the root of the tree)")
+    ->check(CLI::IsMember({"edge", "hub"}))->capture_default_str();
+  run->add_option("--certs", opts.certs_dir,
+                  "Directory with <device-id>.crt, <device-id>.key and ca.crt (canopyctl certs)");
+  run->add_option("--cert", opts.cert_path, "This node's certificate (PEM)");
+  run->add_option("--key", opts.key_path, "This node's private key (PEM)");
+  run->add_option("--ca", opts.ca_path, "The fleet's root CA certificate (PEM)");
+  run->add_option("--link-listen", opts.link_listen, "Accept child gateways on HOST:PORT (TLS)");
+  run->add_option("--parent", opts.parent_address, "Connect to the parent node at HOST:PORT (TLS)");
+  run->add_option("--parent-id", opts.parent_id, "The parent's device id (its certificate must name it)");
+  run->add_option("--metrics-listen", opts.metrics_listen, "Serve Prometheus metrics on http://HOST:PORT/metrics");
+  run->add_option("--api-listen", opts.api_listen, "Hub: serve the operator REST API on https://HOST:PORT");
+  run->add_option("--api-token-file", opts.api_token_file,
+                  "Hub: the REST API's bearer token (created if missing; default DATA/api-token)");
   unsigned stop_timeout = 60;
   run->add_option("--stop-timeout", stop_timeout,
                   "Seconds an orderly stop may take before the process exits anyway")

@@ -4,13 +4,21 @@
 // Exit codes: 0 ok, 1 the operation failed, 2 usage, 3 cannot connect to the
 // node, 130 a one-shot command interrupted by Ctrl-C (streams end with 0; `send
 // --stdin`, whose unanswered messages are unaccounted for, ends with 130).
+// `canopyctl certs ...` works on files only and needs no running node.
+// `canopyctl device|deployment|status|telemetry`, `twin show|patch`, `invoke
+// --device` and `monitor --hub` talk to the hub's REST API (gateway/hub_client;
+// --hub, --hub-id, --ca, --token-file) instead; 3 then means the hub is unreachable.
 #include "gateway/control_client.hpp"
+
+#include "gateway/certs.hpp"
+#include "gateway/hub_client.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cerrno>
 #include <csignal>
@@ -20,11 +28,14 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iomanip>
 #include <iostream>
 #include <iterator>
+#include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -380,6 +391,20 @@ int cmd_metrics(control_client& client, bool as_json) {
                                {"commit_p50_us", m->commit_p50_us},
                                {"commit_p99_us", m->commit_p99_us},
                                {"commit_max_us", m->commit_max_us}};
+    auto links = nlohmann::ordered_json::array();
+    for (const auto& l : m->links) {
+      links.push_back({{"peer", l.peer},
+                       {"role", l.role},
+                       {"up", l.up},
+                       {"rtt_us", l.rtt_us},
+                       {"connects", l.connects},
+                       {"disconnects", l.disconnects},
+                       {"offline_ms_total", l.offline_ms_total},
+                       {"last_change_ms", l.last_change_ms},
+                       {"last_error", l.last_error}});
+    }
+    out["links"] = links;
+    out["refused_messages"] = m->refused_messages;
     std::cout << out.dump(2) << "\n";
     return exit_ok;
   }
@@ -394,6 +419,16 @@ int cmd_metrics(control_client& client, bool as_json) {
             << (m->store_limit_bytes > 0 ? human_bytes(m->store_limit_bytes) : std::string("none")) << "\n"
             << "commits       " << m->commits << " (latency p50 " << human_micros(m->commit_p50_us) << ", p99 "
             << human_micros(m->commit_p99_us) << ", max " << human_micros(m->commit_max_us) << ")\n\n";
+  if (!m->links.empty()) {
+    std::vector<std::vector<std::string>> links{{"LINK", "PEER", "STATE", "RTT", "CONNECTS", "OFFLINE", "LAST ERROR"}};
+    for (const auto& l : m->links)
+      links.push_back({l.role, l.peer, l.up ? "up" : "down", l.rtt_us > 0 ? human_micros(l.rtt_us) : "-",
+                       std::to_string(l.connects), human_duration(l.offline_ms_total), l.last_error});
+    print_table(links);
+    if (m->refused_messages > 0)
+      std::cout << "refused (outside a child's subtree): " << m->refused_messages << "\n";
+    std::cout << "\n";
+  }
   if (m->queues.empty()) {
     std::cout << "no queues\n";
     return exit_ok;
@@ -521,6 +556,794 @@ std::optional<std::pair<std::string, std::string>> parse_property(const std::str
   return std::make_pair(text.substr(0, eq), text.substr(eq + 1));
 }
 
+// --- certs: the fleet's X.509 identities (files only; no node needed) ----------------
+
+/// What `canopyctl certs ca|issue|show` was given.
+struct certs_cli {
+  CLI::App* certs = nullptr;
+  CLI::App* ca = nullptr;
+  CLI::App* issue = nullptr;
+  CLI::App* show = nullptr;
+  // certs ca
+  std::string ca_out;
+  std::string ca_cn = "Canopy fleet root CA";
+  int ca_days = 3650;
+  bool ca_force = false;
+  // certs issue
+  std::string ca_dir;
+  std::string id;
+  std::string issue_out;
+  int days = 365;
+  std::vector<std::string> dns;
+  std::vector<std::string> ips;
+  bool force = false;
+  // certs show
+  std::string file;
+
+  bool selected() const { return certs != nullptr && certs->parsed(); }
+};
+
+void add_certs_commands(CLI::App& app, certs_cli& c) {
+  c.certs = app.add_subcommand("certs", "create and inspect the fleet's X.509 certificates (no node needed)");
+  c.certs->require_subcommand(1);
+
+  c.ca = c.certs->add_subcommand("ca", "create the fleet root CA: DIR/ca.crt and DIR/ca.key");
+  c.ca->add_option("--out", c.ca_out, "directory to write to (created if missing)")->required();
+  c.ca->add_option("--cn", c.ca_cn, "subject common name")->capture_default_str();
+  c.ca->add_option("--days", c.ca_days, "validity in days")->check(CLI::Range(1, 36500))->capture_default_str();
+  c.ca->add_flag("--force", c.ca_force, "replace existing files");
+
+  c.issue = c.certs->add_subcommand("issue", "issue a node or device certificate: DIR/ID.crt and DIR/ID.key");
+  c.issue->add_option("--ca-dir", c.ca_dir, "directory holding ca.crt and ca.key")->required();
+  c.issue->add_option("--id", c.id, "node or device id (subject CN, SAN DNS:ID)")->required();
+  c.issue->add_option("--out", c.issue_out, "directory to write to (default: --ca-dir)");
+  c.issue->add_option("--days", c.days, "validity in days")->check(CLI::Range(1, 36500))->capture_default_str();
+  c.issue->add_option("--dns", c.dns, "extra subjectAltName DNS name (repeatable)")->allow_extra_args(false);
+  c.issue->add_option("--ip", c.ips, "subjectAltName IP address (repeatable)")->allow_extra_args(false);
+  c.issue->add_flag("--force", c.force, "replace existing files");
+
+  c.show = c.certs->add_subcommand("show", "print a certificate's subject, names, validity and thumbprint");
+  c.show->add_option("FILE", c.file, "certificate file (PEM)")->required();
+}
+
+int certs_failed(const char* command, const error& err) {
+  std::cerr << "canopyctl: certs " << command << ": " << err.message;
+  if (err.message.rfind("refusing to overwrite", 0) == 0) std::cerr << " (--force replaces it)";
+  std::cerr << "\n";
+  return exit_failed;
+}
+
+std::string path_in(const std::string& dir, const std::string& name) {
+  return !dir.empty() && dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+int cmd_certs_ca(const certs_cli& c) {
+  auto ca = certs::create_root_ca(c.ca_cn, std::chrono::hours(24) * c.ca_days);
+  if (!ca) return certs_failed("ca", ca.err());
+  auto written = certs::write_files(c.ca_out, "ca", *ca, c.ca_force);
+  if (!written) return certs_failed("ca", written.err());
+  auto thumbprint = certs::thumbprint_sha256(ca->cert_pem);
+  std::cout << "wrote " << path_in(c.ca_out, "ca.crt") << " and " << path_in(c.ca_out, "ca.key") << " (CN \""
+            << c.ca_cn << "\", SHA-256 " << (thumbprint ? *thumbprint : std::string("?")) << ")\n";
+  return exit_ok;
+}
+
+int cmd_certs_issue(const certs_cli& c) {
+  auto ca = certs::read_files(c.ca_dir, "ca");
+  if (!ca) return certs_failed("issue", ca.err());
+  auto options = certs::for_id(c.id, std::chrono::hours(24) * c.days);
+  options.dns_names.insert(options.dns_names.end(), c.dns.begin(), c.dns.end());
+  options.ip_addresses = c.ips;
+  auto issued = certs::issue(*ca, options);
+  if (!issued) return certs_failed("issue", issued.err());
+  const auto& out = c.issue_out.empty() ? c.ca_dir : c.issue_out;
+  auto written = certs::write_files(out, c.id, *issued, c.force);
+  if (!written) return certs_failed("issue", written.err());
+  if (auto ca_info = certs::inspect(ca->cert_pem); ca_info && ca_info->not_after < options.not_after) {
+    std::cerr << "canopyctl: certs issue: warning: the CA expires first (" << certs::format_time(ca_info->not_after)
+              << "); the certificate is unusable after that\n";
+  }
+  auto thumbprint = certs::thumbprint_sha256(issued->cert_pem);
+  std::cout << "wrote " << path_in(out, c.id + ".crt") << " and " << path_in(out, c.id + ".key") << " (CN \"" << c.id
+            << "\", SHA-256 " << (thumbprint ? *thumbprint : std::string("?")) << ")\n";
+  return exit_ok;
+}
+
+int cmd_certs_show(const certs_cli& c) {
+  auto pem = certs::read_file(c.file);
+  if (!pem) return certs_failed("show", pem.err());
+  auto info = certs::inspect(*pem);
+  if (!info) return certs_failed("show", error{info.err().code, c.file + ": " + info.err().message});
+  std::string names;
+  for (const auto& d : info->dns_names) names += (names.empty() ? "DNS:" : ", DNS:") + d;
+  for (const auto& ip : info->ip_addresses) names += (names.empty() ? "IP:" : ", IP:") + ip;
+  auto now = std::chrono::system_clock::now();
+  std::string state = now < info->not_before ? " (not yet valid)" : now >= info->not_after ? " (expired)" : "";
+  std::cout << "subject CN      " << info->common_name << "\n"
+            << "issuer CN       " << info->issuer_common_name << "\n"
+            << "names           " << (names.empty() ? "(none)" : names) << "\n"
+            << "CA              " << (info->is_ca ? "yes" : "no") << "\n"
+            << "not before      " << certs::format_time(info->not_before) << "\n"
+            << "not after       " << certs::format_time(info->not_after) << state << "\n"
+            << "serial          " << info->serial_hex << "\n"
+            << "SHA-256         " << info->thumbprint_sha256 << "\n";
+  return exit_ok;
+}
+
+int run_certs(const certs_cli& c) {
+  if (c.ca->parsed()) return cmd_certs_ca(c);
+  if (c.issue->parsed()) return cmd_certs_issue(c);
+  if (c.show->parsed()) return cmd_certs_show(c);
+  return exit_usage;
+}
+
+// --- fleet: the hub's REST API (gateway/hub_client; no control socket) ---------------
+
+/// What the fleet commands were given. `twin show|patch`, `invoke --device` and
+/// `monitor --hub` extend the local commands of the same name.
+struct fleet_cli {
+  // Global options.
+  CLI::Option* hub_opt = nullptr;
+  std::string hub_url;
+  std::string hub_id;
+  std::string ca;
+  std::string token_file;
+  // Shared by the commands that have them.
+  std::string id;
+  bool as_json = false;
+  std::vector<std::string> tags;
+  // device ...
+  CLI::App* device = nullptr;
+  CLI::App* device_create = nullptr;
+  CLI::App* device_list = nullptr;
+  CLI::App* device_show = nullptr;
+  CLI::App* device_delete = nullptr;
+  CLI::App* device_tags = nullptr;
+  std::string parent;
+  std::string kind = "device";
+  std::string auth = "x509_ca";
+  std::string thumbprint;
+  std::string primary_key;
+  std::string secondary_key;
+  std::string tags_json;
+  // deployment ...
+  CLI::App* deployment = nullptr;
+  CLI::App* deployment_create = nullptr;
+  CLI::App* deployment_list = nullptr;
+  CLI::App* deployment_show = nullptr;
+  CLI::App* deployment_delete = nullptr;
+  std::string manifest;
+  std::string target_condition;
+  int priority = 0;
+  // twin show|patch (under the local `twin MODULE`)
+  CLI::App* twin = nullptr;
+  CLI::App* twin_show = nullptr;
+  CLI::App* twin_patch = nullptr;
+  std::string module;
+  std::string desired;
+  // invoke --device (the local `invoke MODULE METHOD [JSON]` otherwise)
+  CLI::App* invoke = nullptr;
+  std::string invoke_device;
+  std::string method;
+  std::string payload;
+  // status, telemetry, monitor --hub
+  CLI::App* status = nullptr;
+  CLI::App* telemetry = nullptr;
+  CLI::App* monitor = nullptr;
+  std::string device_filter;
+  std::string since;
+  std::size_t limit = 100;
+
+  bool monitor_on_hub() const {
+    return monitor->parsed() && (hub_opt->count() > 0 || !device_filter.empty() || !since.empty());
+  }
+
+  /// True if the command line asks the hub rather than the local node.
+  bool selected() const {
+    return device->parsed() || deployment->parsed() || status->parsed() || telemetry->parsed() ||
+           twin_show->parsed() || twin_patch->parsed() || (invoke->parsed() && !invoke_device.empty()) ||
+           monitor_on_hub();
+  }
+};
+
+void add_fleet_commands(CLI::App& app, fleet_cli& f, CLI::App* twin, CLI::App* invoke, CLI::App* monitor) {
+  f.hub_opt = app.add_option("--hub", f.hub_url,
+                             "the hub's REST API for the fleet commands (env CANOPY_HUB; default "
+                             "https://127.0.0.1:8443)");
+  app.add_option("--hub-id", f.hub_id, "the id the hub's certificate carries (default: the URL's host)")
+      ->envname("CANOPY_HUB_ID");
+  app.add_option("--ca", f.ca, "the fleet CA certificate that signed the hub's")->envname("CANOPY_CA");
+  app.add_option("--token-file", f.token_file, "file holding the hub API's token (or env CANOPY_TOKEN: the token)")
+      ->envname("CANOPY_TOKEN_FILE");
+
+  f.device = app.add_subcommand("device", "the hub's device registry: gateways and devices");
+  f.device->require_subcommand(1);
+  f.device_create = f.device->add_subcommand("create", "register a gateway or device");
+  f.device_create->add_option("ID", f.id, "its id (certificate CN)")->required();
+  f.device_create->add_option("--parent", f.parent, "its parent gateway (default: the hub)");
+  f.device_create->add_option("--kind", f.kind, "gateway (a canopy node) or device (a leaf)")
+      ->check(CLI::IsMember({"gateway", "device"}))
+      ->capture_default_str();
+  f.device_create
+      ->add_option("--tag", f.tags, "tag key=value (repeatable; 3, true, null and \"quoted\" values are JSON)")
+      ->allow_extra_args(false);
+  f.device_create->add_option("--auth", f.auth, "x509_ca, x509_thumbprint or sas")
+      ->check(CLI::IsMember({"x509_ca", "x509_thumbprint", "sas"}))
+      ->capture_default_str();
+  f.device_create->add_option("--thumbprint", f.thumbprint, "x509_thumbprint: the certificate's SHA-256 (hex)");
+  f.device_create->add_option("--primary-key", f.primary_key, "sas: the primary key");
+  f.device_create->add_option("--secondary-key", f.secondary_key, "sas: the secondary key");
+  f.device_list = f.device->add_subcommand("list", "list the registered gateways and devices");
+  f.device_list->add_flag("--json", f.as_json, "machine-readable output");
+  f.device_show = f.device->add_subcommand("show", "print one gateway or device");
+  f.device_show->add_option("ID", f.id, "its id")->required();
+  f.device_show->add_flag("--json", f.as_json, "machine-readable output");
+  f.device_delete = f.device->add_subcommand("delete", "remove a gateway (without children) or device");
+  f.device_delete->add_option("ID", f.id, "its id")->required();
+  f.device_tags = f.device->add_subcommand("tags", "replace a device's tags (deployments follow)");
+  f.device_tags->add_option("ID", f.id, "its id")->required();
+  auto* tag_opt = f.device_tags->add_option("--tag", f.tags, "tag key=value (repeatable)")->allow_extra_args(false);
+  auto* doc_opt = f.device_tags->add_option("--json", f.tags_json, "all tags as one JSON object");
+  tag_opt->excludes(doc_opt);
+
+  f.deployment = app.add_subcommand("deployment", "the hub's deployments: manifests for the gateways they target");
+  f.deployment->require_subcommand(1);
+  f.deployment_create = f.deployment->add_subcommand("create", "store a deployment and apply it where it matches");
+  f.deployment_create->add_option("ID", f.id, "its id")->required();
+  f.deployment_create->add_option("--manifest", f.manifest, "the deployment manifest (JSON file)")->required();
+  f.deployment_create
+      ->add_option("--target-condition", f.target_condition, "which gateways, e.g. \"tags.site='plant-1'\" or '*'")
+      ->required();
+  f.deployment_create->add_option("--priority", f.priority, "higher wins where several match")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  f.deployment_list = f.deployment->add_subcommand("list", "list the deployments and where they stand");
+  f.deployment_list->add_flag("--json", f.as_json, "machine-readable output");
+  f.deployment_show = f.deployment->add_subcommand("show", "a deployment: its target condition and its gateways");
+  f.deployment_show->add_option("ID", f.id, "its id")->required();
+  f.deployment_show->add_flag("--json", f.as_json, "machine-readable output");
+  f.deployment_delete = f.deployment->add_subcommand("delete", "remove a deployment");
+  f.deployment_delete->add_option("ID", f.id, "its id")->required();
+
+  // `twin MODULE` stays the local node's; `twin show|patch DEVICE` ask the hub.
+  f.twin = twin;
+  twin->get_option("MODULE")->required(false);
+  f.twin_show = twin->add_subcommand("show", "print a device's or module's twin at the hub");
+  f.twin_show->add_option("DEVICE", f.id, "device or gateway id")->required();
+  f.twin_show->add_option("--module", f.module, "the module's twin (default: the device's)");
+  f.twin_patch = twin->add_subcommand("patch", "merge a patch into a twin's desired properties at the hub");
+  f.twin_patch->add_option("DEVICE", f.id, "device or gateway id")->required();
+  f.twin_patch->add_option("--module", f.module, "the module's twin (default: the device's)");
+  f.twin_patch->add_option("--desired", f.desired, "the patch (a JSON object; null deletes a key)")->required();
+
+  // `invoke MODULE METHOD [JSON]` stays the local node's; with --device it asks the hub.
+  f.invoke = invoke;
+  invoke->get_option("MODULE")->required(false);
+  invoke->get_option("METHOD")->required(false);
+  invoke->add_option("--device", f.invoke_device, "call the module on this node of the fleet, through the hub");
+  invoke->add_option("--module", f.module, "with --device: the module (or MODULE)");
+  invoke->add_option("--method", f.method, "with --device: the method (or METHOD)");
+  invoke->add_option("--payload", f.payload, "with --device: the payload, JSON (or JSON; default {})");
+
+  f.status = app.add_subcommand("status", "the fleet at the hub: every node, its deployment and modules");
+  f.status->add_flag("--json", f.as_json, "machine-readable output");
+
+  f.telemetry = app.add_subcommand("telemetry", "telemetry stored at the hub, oldest first");
+  f.telemetry->add_option("--device", f.device_filter, "from this device or gateway only");
+  f.telemetry->add_option("--since", f.since, "enqueued since: 30s, 10m, 2h, 1d ago, or ms since the epoch");
+  f.telemetry->add_option("--limit", f.limit, "at most N records")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1000}))
+      ->capture_default_str();
+  f.telemetry->add_flag("--json", f.as_json, "machine-readable output");
+
+  // `monitor` watches the local $upstream; with --hub (or --device/--since) the hub's telemetry.
+  f.monitor = monitor;
+  monitor->add_option("--device", f.device_filter, "hub: from this device or gateway only");
+  monitor->add_option("--since", f.since, "hub: start with records since 10m, 2h, ... (default: now)");
+}
+
+/// `--since`: "30s", "10m", "2h", "1d" ago (as ms since the epoch), or ms since the epoch.
+std::optional<std::int64_t> parse_since(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  std::size_t digits = 0;
+  while (digits < text.size() && text[digits] >= '0' && text[digits] <= '9') ++digits;
+  if (digits == 0 || digits > 15) return std::nullopt;
+  auto n = std::stoll(text.substr(0, digits));
+  auto unit = text.substr(digits);
+  if (unit.empty()) return n;
+  std::int64_t ms = unit == "s" ? 1000 : unit == "m" ? 60000 : unit == "h" ? 3600000 : unit == "d" ? 86400000 : 0;
+  if (ms == 0) return std::nullopt;
+  return std::max<std::int64_t>(0, now_ms() - n * ms);
+}
+
+/// A tag value from the command line: JSON numbers, true/false/null and quoted
+/// strings as JSON, anything else as the string itself.
+nlohmann::json tag_value(const std::string& text) {
+  auto parsed = nlohmann::json::parse(text, nullptr, false);
+  if (!parsed.is_discarded() && (parsed.is_primitive())) return parsed;
+  return text;
+}
+
+/// "site=plant-1,line=3".
+std::string tags_text(const nlohmann::json& tags) {
+  std::string out;
+  if (!tags.is_object()) return out;
+  for (const auto& [key, value] : tags.items()) {
+    if (!out.empty()) out += ",";
+    out += key + "=" + (value.is_string() ? value.get<std::string>() : value.dump());
+  }
+  return out;
+}
+
+std::string json_text(const nlohmann::json& doc, int indent = 2) {
+  return doc.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+std::int64_t json_int(const nlohmann::json& doc, const char* key) {
+  auto it = doc.find(key);
+  return it != doc.end() && it->is_number() ? it->get<std::int64_t>() : 0;
+}
+
+std::string json_str(const nlohmann::json& doc, const char* key) {
+  auto it = doc.find(key);
+  return it != doc.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
+/// "5 minutes ago", or "never" for 0.
+std::string ago(std::int64_t ms) {
+  if (ms <= 0) return "never";
+  return human_duration(std::max<std::int64_t>(0, now_ms() - ms)) + " ago";
+}
+
+/// Prints a failed request's error and picks the exit code.
+int hub_failed(const hub_client& hub, const std::string& what, const error& err) {
+  std::cerr << "canopyctl: " << what << ": " << err.message;
+  if (hub.last_status() == 401) std::cerr << " (the API token: --token-file FILE, CANOPY_TOKEN_FILE or CANOPY_TOKEN)";
+  std::cerr << "\n";
+  if (hub.interrupted()) return exit_interrupted;
+  if (hub.last_status() == 0 && err.code == errc::unavailable) return exit_no_connection;
+  return exit_failed;
+}
+
+/// Connects to the hub named by the global options and the environment.
+int connect_hub(const fleet_cli& f, std::unique_ptr<hub_client>& out) {
+  hub_client_options o;
+  const char* env_url = std::getenv("CANOPY_HUB");
+  o.url = f.hub_opt->count() > 0 ? f.hub_url : env_url != nullptr && *env_url != '\0' ? env_url : o.url;
+  o.hub_id = f.hub_id;
+  o.ca_path = f.ca;
+  if (!f.token_file.empty()) {
+    auto text = certs::read_file(f.token_file);
+    if (!text) {
+      std::cerr << "canopyctl: --token-file: " << text.err().message << "\n";
+      return exit_failed;
+    }
+    o.token = *text;
+    while (!o.token.empty() && std::isspace(static_cast<unsigned char>(o.token.back()))) o.token.pop_back();
+  } else if (const char* token = std::getenv("CANOPY_TOKEN"); token != nullptr) {
+    o.token = token;
+  }
+  auto connected = hub_client::connect(o);
+  if (!connected) {
+    std::cerr << "canopyctl: " << connected.err().message << "\n";
+    return connected.err().code == errc::invalid_argument ? exit_usage
+           : connected.err().code == errc::unavailable || connected.err().code == errc::timeout ? exit_no_connection
+                                                                                              : exit_failed;
+  }
+  out = std::move(*connected);
+  out->interrupt_on(SIGINT);
+  out->interrupt_on(SIGTERM);
+  return exit_ok;
+}
+
+/// `--tag k=v ...` as a tags object; false (after saying why) on a malformed one.
+bool tags_from(const std::vector<std::string>& texts, nlohmann::json& tags) {
+  tags = nlohmann::json::object();
+  for (const auto& text : texts) {
+    auto kv = parse_property(text);
+    if (!kv) {
+      std::cerr << "canopyctl: --tag: expected key=value, got '" << text << "'\n";
+      return false;
+    }
+    tags[kv->first] = tag_value(kv->second);
+  }
+  return true;
+}
+
+void print_device(const nlohmann::json& d) {
+  const auto& auth = d.value("authentication", nlohmann::json::object());
+  std::string auth_type = json_str(auth, "type");
+  std::cout << "id          " << json_str(d, "deviceId") << "\n"
+            << "kind        " << json_str(d, "kind") << "\n"
+            << "parent      " << json_str(d, "parentId") << "\n"
+            << "tags        " << json_text(d.value("tags", nlohmann::json::object()), -1) << "\n"
+            << "auth        " << auth_type << "\n";
+  if (auth_type == "x509_thumbprint") std::cout << "thumbprint  " << json_str(auth, "thumbprint") << "\n";
+  if (auth_type == "sas") {
+    std::cout << "primary     " << json_str(auth, "primaryKey") << "\n";
+    if (!json_str(auth, "secondaryKey").empty()) std::cout << "secondary   " << json_str(auth, "secondaryKey") << "\n";
+  }
+  auto last_seen = json_int(d, "lastSeenMs");
+  std::cout << "created     " << iso_time(json_int(d, "createdMs")) << "\n"
+            << "updated     " << iso_time(json_int(d, "updatedMs")) << "\n"
+            << "last seen   " << (last_seen > 0 ? iso_time(last_seen) + " (" + ago(last_seen) + ")" : "never")
+            << "\n";
+}
+
+int cmd_device(hub_client& hub, const fleet_cli& f) {
+  std::string path = "/devices/" + hub_client::escape(f.id);
+  if (f.device_create->parsed()) {
+    nlohmann::json tags;
+    if (!tags_from(f.tags, tags)) return exit_usage;
+    nlohmann::json auth{{"type", f.auth}};
+    if (!f.thumbprint.empty()) auth["thumbprint"] = f.thumbprint;
+    if (!f.primary_key.empty()) auth["primaryKey"] = f.primary_key;
+    if (!f.secondary_key.empty()) auth["secondaryKey"] = f.secondary_key;
+    nlohmann::json body{{"deviceId", f.id}, {"kind", f.kind}, {"tags", tags}, {"authentication", auth}};
+    if (!f.parent.empty()) body["parentId"] = f.parent;
+    auto created = hub.request("POST", "/devices", body);
+    if (!created) return hub_failed(hub, "device create", created.err());
+    print_device(*created);
+    return exit_ok;
+  }
+  if (f.device_list->parsed()) {
+    auto list = hub.request("GET", "/devices");
+    if (!list) return hub_failed(hub, "device list", list.err());
+    if (f.as_json) {
+      std::cout << json_text(*list) << "\n";
+      return exit_ok;
+    }
+    std::vector<std::vector<std::string>> table{{"ID", "KIND", "PARENT", "TAGS", "LAST SEEN"}};
+    for (const auto& d : *list) {
+      table.push_back({json_str(d, "deviceId"), json_str(d, "kind"), json_str(d, "parentId"),
+                       tags_text(d.value("tags", nlohmann::json::object())), ago(json_int(d, "lastSeenMs"))});
+    }
+    print_table(table);
+    return exit_ok;
+  }
+  if (f.device_show->parsed()) {
+    auto d = hub.request("GET", path);
+    if (!d) return hub_failed(hub, "device show", d.err());
+    if (f.as_json) {
+      std::cout << json_text(*d) << "\n";
+    } else {
+      print_device(*d);
+    }
+    return exit_ok;
+  }
+  if (f.device_delete->parsed()) {
+    auto done = hub.request("DELETE", path);
+    if (!done) return hub_failed(hub, "device delete", done.err());
+    std::cout << "deleted " << f.id << "\n";
+    return exit_ok;
+  }
+  if (f.device_tags->parsed()) {
+    nlohmann::json tags;
+    if (!f.tags_json.empty()) {
+      tags = nlohmann::json::parse(f.tags_json, nullptr, false);
+      if (tags.is_discarded() || !tags.is_object()) {
+        std::cerr << "canopyctl: device tags: --json: not a JSON object: " << f.tags_json << "\n";
+        return exit_usage;
+      }
+    } else if (f.tags.empty()) {
+      std::cerr << "canopyctl: device tags: give the tags: --tag key=value ... or --json DOC\n";
+      return exit_usage;
+    } else if (!tags_from(f.tags, tags)) {
+      return exit_usage;
+    }
+    auto d = hub.request("PUT", path + "/tags", tags);
+    if (!d) return hub_failed(hub, "device tags", d.err());
+    std::cout << json_text(d->value("tags", nlohmann::json::object())) << "\n";
+    return exit_ok;
+  }
+  return exit_usage;
+}
+
+/// "gw1, gw2" ("-" for none); failed devices with their status detail.
+std::string device_names(const nlohmann::json& summary, const char* key) {
+  std::string out;
+  for (const auto& id : summary.value(key, nlohmann::json::array())) {
+    if (!id.is_string()) continue;
+    std::string name = id.get<std::string>();
+    if (std::string_view(key) == "failed") {
+      for (const auto& st : summary.value("statuses", nlohmann::json::array())) {
+        if (json_str(st, "deviceId") == name && !json_str(st, "detail").empty()) {
+          name += " (" + json_str(st, "detail") + ")";
+        }
+      }
+    }
+    out += (out.empty() ? "" : ", ") + name;
+  }
+  return out.empty() ? "-" : out;
+}
+
+int cmd_deployment(hub_client& hub, const fleet_cli& f) {
+  std::string path = "/deployments/" + hub_client::escape(f.id);
+  if (f.deployment_create->parsed()) {
+    auto text = certs::read_file(f.manifest);
+    if (!text) {
+      std::cerr << "canopyctl: deployment create: --manifest: " << text.err().message << "\n";
+      return exit_failed;
+    }
+    auto manifest = nlohmann::json::parse(*text, nullptr, false);
+    if (manifest.is_discarded() || !manifest.is_object()) {
+      std::cerr << "canopyctl: deployment create: --manifest: " << f.manifest << " is not a JSON object\n";
+      return exit_failed;
+    }
+    nlohmann::json body{
+        {"id", f.id}, {"content", manifest}, {"targetCondition", f.target_condition}, {"priority", f.priority}};
+    auto created = hub.request("POST", "/deployments", body);
+    if (!created) return hub_failed(hub, "deployment create", created.err());
+    std::cout << "created deployment " << f.id << " (priority " << json_int(*created, "priority") << ", target "
+              << json_str(*created, "targetCondition") << ")\n";
+    return exit_ok;
+  }
+  if (f.deployment_list->parsed()) {
+    auto list = hub.request("GET", "/deployments");
+    if (!list) return hub_failed(hub, "deployment list", list.err());
+    if (f.as_json) {
+      std::cout << json_text(*list) << "\n";
+      return exit_ok;
+    }
+    auto count = [](const nlohmann::json& s, const char* key) {
+      return std::to_string(s.value(key, nlohmann::json::array()).size());
+    };
+    std::vector<std::vector<std::string>> table{
+        {"ID", "PRIORITY", "TARGET CONDITION", "TARGETED", "APPLIED", "SUCCEEDED", "FAILED"}};
+    for (const auto& s : *list) {
+      table.push_back({json_str(s, "id"), std::to_string(json_int(s, "priority")), json_str(s, "targetCondition"),
+                       count(s, "targeted"), count(s, "applied"), count(s, "succeeded"), count(s, "failed")});
+    }
+    print_table(table);
+    return exit_ok;
+  }
+  if (f.deployment_show->parsed()) {
+    auto s = hub.request("GET", path);
+    if (!s) return hub_failed(hub, "deployment show", s.err());
+    if (f.as_json) {
+      std::cout << json_text(*s) << "\n";
+      return exit_ok;
+    }
+    std::cout << "id                 " << json_str(*s, "id") << "\n"
+              << "priority           " << json_int(*s, "priority") << "\n"
+              << "target condition   " << json_str(*s, "targetCondition") << "\n"
+              << "created            " << iso_time(json_int(*s, "createdMs")) << "\n"
+              << "targeted           " << device_names(*s, "targeted") << "\n"
+              << "applied            " << device_names(*s, "applied") << "\n"
+              << "succeeded          " << device_names(*s, "succeeded") << "\n"
+              << "failed             " << device_names(*s, "failed") << "\n";
+    return exit_ok;
+  }
+  if (f.deployment_delete->parsed()) {
+    auto done = hub.request("DELETE", path);
+    if (!done) return hub_failed(hub, "deployment delete", done.err());
+    std::cout << "deleted deployment " << f.id << "\n";
+    return exit_ok;
+  }
+  return exit_usage;
+}
+
+int cmd_hub_twin(hub_client& hub, const fleet_cli& f) {
+  std::string path = "/twins/" + hub_client::escape(f.id);
+  if (!f.module.empty()) path += "/modules/" + hub_client::escape(f.module);
+  if (f.twin_patch->parsed()) {
+    auto patch = nlohmann::json::parse(f.desired, nullptr, false);
+    if (patch.is_discarded() || !patch.is_object()) {
+      std::cerr << "canopyctl: twin patch: --desired: not a JSON object: " << f.desired << "\n";
+      return exit_usage;
+    }
+    auto twin = hub.request("PATCH", path, {{"properties", {{"desired", patch}}}});
+    if (!twin) return hub_failed(hub, "twin patch", twin.err());
+    std::cout << json_text(*twin) << "\n";
+    return exit_ok;
+  }
+  auto twin = hub.request("GET", path);
+  if (!twin) return hub_failed(hub, "twin show", twin.err());
+  std::cout << json_text(*twin) << "\n";
+  return exit_ok;
+}
+
+/// The value of positional `name` of `app`, if given.
+std::string positional(CLI::App* app, const char* name) {
+  auto* opt = app->get_option(name);
+  return opt->count() > 0 ? opt->results().front() : std::string();
+}
+
+int cmd_hub_invoke(hub_client& hub, const fleet_cli& f, double timeout_secs) {
+  std::string module = !f.module.empty() ? f.module : positional(f.invoke, "MODULE");
+  std::string method = !f.method.empty() ? f.method : positional(f.invoke, "METHOD");
+  std::string payload = !f.payload.empty() ? f.payload : positional(f.invoke, "JSON");
+  if (payload.empty()) payload = "{}";
+  if (module.empty() || method.empty()) {
+    std::cerr << "canopyctl: invoke --device: give --module M and --method NAME\n";
+    return exit_usage;
+  }
+  auto doc = nlohmann::json::parse(payload, nullptr, false);
+  if (doc.is_discarded()) {
+    std::cerr << "canopyctl: invoke: the payload is not valid JSON: " << payload << "\n";
+    return exit_usage;
+  }
+  nlohmann::json body{{"methodName", method}, {"payload", doc}, {"responseTimeoutInSeconds", timeout_secs}};
+  auto path = "/devices/" + hub_client::escape(f.invoke_device) + "/modules/" + hub_client::escape(module) + "/methods";
+  // The hub answers a method's timeout itself; give it a little longer.
+  auto wait = std::chrono::milliseconds(static_cast<std::int64_t>(timeout_secs * 1000) + 10000);
+  auto reply = hub.request("POST", path, body, wait);
+  if (!reply) return hub_failed(hub, "invoke", reply.err());
+  auto status = json_int(*reply, "status");
+  auto answer = reply->contains("payload") ? (*reply)["payload"] : nlohmann::json();
+  std::cout << "status: " << status << "\n" << (answer.is_string() ? answer.get<std::string>() : json_text(answer)) << "\n";
+  return status >= 200 && status < 300 ? exit_ok : exit_failed;
+}
+
+int cmd_status(hub_client& hub, const fleet_cli& f) {
+  auto nodes = hub.request("GET", "/status");
+  if (!nodes) return hub_failed(hub, "status", nodes.err());
+  if (f.as_json) {
+    std::cout << json_text(*nodes) << "\n";
+    return exit_ok;
+  }
+  // Tree order: every node under its parent, indented by depth.
+  std::map<std::string, std::vector<const nlohmann::json*>> children;
+  std::set<std::string> ids;
+  for (const auto& n : *nodes) ids.insert(json_str(n, "deviceId"));
+  std::vector<const nlohmann::json*> roots;
+  for (const auto& n : *nodes) {
+    auto parent = json_str(n, "parentId");
+    if (ids.count(parent) != 0) {
+      children[parent].push_back(&n);
+    } else {
+      roots.push_back(&n);
+    }
+  }
+  std::vector<std::vector<std::string>> table{
+      {"NODE", "PARENT", "KIND", "CONNECTED", "LAST SEEN", "DEPLOYMENT", "STATUS", "MODULES"}};
+  std::function<void(const nlohmann::json&, std::size_t)> add = [&](const nlohmann::json& n, std::size_t depth) {
+    std::string modules = "-";
+    const auto& rows = n.value("modules", nlohmann::json::array());
+    if (json_str(n, "kind") == "gateway") {
+      auto running = std::count_if(rows.begin(), rows.end(), [](const nlohmann::json& m) {
+        return json_str(m, "status") == "running";
+      });
+      modules = std::to_string(running) + "/" + std::to_string(rows.size());
+    }
+    auto dash = [](std::string s) { return s.empty() ? std::string("-") : s; };
+    auto id = json_str(n, "deviceId");
+    table.push_back({std::string(2 * depth, ' ') + id, json_str(n, "parentId"), json_str(n, "kind"),
+                     n.value("connected", false) ? "yes" : "no", ago(json_int(n, "lastSeenMs")),
+                     dash(json_str(n, "deployment")), dash(json_str(n, "deploymentStatus")), modules});
+    if (depth < 64) {
+      for (const auto* child : children[id]) add(*child, depth + 1);
+    }
+  };
+  for (const auto* root : roots) add(*root, 0);
+  print_table(table);
+  return exit_ok;
+}
+
+/// One telemetry record on one line: time, source, properties and body.
+std::string format_hub_record(const nlohmann::json& r) {
+  std::string source = json_str(r, "deviceId");
+  for (const char* key : {"moduleId", "outputName"}) {
+    if (!json_str(r, key).empty()) source += "/" + json_str(r, key);
+  }
+  std::string line = iso_time(json_int(r, "enqueuedMs")) + " " + source +
+                     " properties=" + json_text(r.value("properties", nlohmann::json::object()), -1);
+  auto body = r.value("body", nlohmann::json());
+  if (body.is_object() && body.size() == 1 && body.contains("base64") && body["base64"].is_string()) {
+    line += " body(base64)=" + body["base64"].get<std::string>();
+  } else {
+    line += " body=" + json_text(body, -1);
+  }
+  return line;
+}
+
+std::string telemetry_query(const fleet_cli& f, std::int64_t since, std::int64_t after, std::size_t limit) {
+  std::string q = "/telemetry?limit=" + std::to_string(limit);
+  if (!f.device_filter.empty()) q += "&device=" + hub_client::escape(f.device_filter);
+  if (since > 0) q += "&since=" + std::to_string(since);
+  if (after > 0) q += "&after=" + std::to_string(after);
+  return q;
+}
+
+int cmd_telemetry(hub_client& hub, const fleet_cli& f) {
+  std::int64_t since = 0;
+  if (!f.since.empty()) {
+    auto parsed = parse_since(f.since);
+    if (!parsed) {
+      std::cerr << "canopyctl: telemetry: --since: expected 30s, 10m, 2h, 1d or ms since the epoch, got '" << f.since
+                << "'\n";
+      return exit_usage;
+    }
+    since = *parsed;
+  }
+  auto records = hub.request("GET", telemetry_query(f, since, 0, f.limit));
+  if (!records) return hub_failed(hub, "telemetry", records.err());
+  if (f.as_json) {
+    std::cout << json_text(*records) << "\n";
+    return exit_ok;
+  }
+  for (const auto& r : *records) std::cout << format_hub_record(r) << "\n";
+  return exit_ok;
+}
+
+/// `monitor --hub`: polls /telemetry every 500 ms and prints each new record as
+/// one JSON object per line, until Ctrl-C, `count` records, or `idle_secs`
+/// seconds without a new one.
+int cmd_hub_monitor(hub_client& hub, const fleet_cli& f, std::size_t count, double idle_secs) {
+  constexpr std::size_t page = 1000;
+  std::int64_t since = now_ms();
+  if (!f.since.empty()) {
+    auto parsed = parse_since(f.since);
+    if (!parsed) {
+      std::cerr << "canopyctl: monitor: --since: expected 30s, 10m, 2h, 1d or ms since the epoch, got '" << f.since
+                << "'\n";
+      return exit_usage;
+    }
+    since = *parsed;
+  }
+  auto idle = std::chrono::milliseconds(static_cast<std::int64_t>(idle_secs * 1000));
+  auto last_new = std::chrono::steady_clock::now();
+  std::int64_t after = 0;
+  std::size_t seen = 0;
+  for (;;) {
+    auto records = hub.request("GET", telemetry_query(f, since, after, page));
+    if (!records) {
+      if (hub.interrupted()) return exit_ok;
+      return hub_failed(hub, "monitor", records.err());
+    }
+    for (const auto& r : *records) {
+      std::cout << json_text(r, -1) << "\n" << std::flush;
+      if (!std::cout) return exit_ok;  // stdout is gone
+      after = std::max(after, json_int(r, "seq"));
+      if (count != 0 && ++seen >= count) return exit_ok;
+    }
+    if (!records->empty()) last_new = std::chrono::steady_clock::now();
+    if (records->size() >= page) continue;  // more are waiting
+    if (idle.count() > 0 && std::chrono::steady_clock::now() - last_new >= idle) break;
+    if (!hub.pause(std::chrono::milliseconds(500))) return exit_ok;  // Ctrl-C
+  }
+  if (count != 0 && seen < count) {
+    std::cerr << "canopyctl: monitor: " << seen << " of " << count << " messages within " << idle_secs
+              << " s of the last one\n";
+    return exit_failed;
+  }
+  return exit_ok;
+}
+
+/// Runs the fleet command that fleet_cli::selected() found.
+int run_fleet(const fleet_cli& f, double invoke_timeout, std::size_t monitor_count, double monitor_timeout) {
+  std::unique_ptr<hub_client> hub;
+  if (int rc = connect_hub(f, hub); rc != exit_ok) return rc;
+  if (f.device->parsed()) return cmd_device(*hub, f);
+  if (f.deployment->parsed()) return cmd_deployment(*hub, f);
+  if (f.twin_show->parsed() || f.twin_patch->parsed()) return cmd_hub_twin(*hub, f);
+  if (f.invoke->parsed()) return cmd_hub_invoke(*hub, f, invoke_timeout);
+  if (f.status->parsed()) return cmd_status(*hub, f);
+  if (f.telemetry->parsed()) return cmd_telemetry(*hub, f);
+  if (f.monitor->parsed()) return cmd_hub_monitor(*hub, f, monitor_count, monitor_timeout);
+  return exit_usage;
+}
+
+/// The local `twin MODULE` and `invoke MODULE METHOD` lost their required
+/// positionals to the fleet forms; checks them (exit_ok if fine).
+int check_local_usage(const fleet_cli& f) {
+  if (f.twin->parsed() && f.twin->get_option("MODULE")->count() == 0) {
+    std::cerr << "canopyctl: twin: give MODULE (this node), or show|patch DEVICE (the hub)\n";
+    return exit_usage;
+  }
+  if (f.invoke->parsed() && (f.invoke->get_option("MODULE")->count() == 0 ||
+                             f.invoke->get_option("METHOD")->count() == 0)) {
+    std::cerr << "canopyctl: invoke: give MODULE METHOD (this node), or --device D --module M --method NAME "
+                 "(the hub)\n";
+    return exit_usage;
+  }
+  if (f.invoke->parsed() && (!f.module.empty() || !f.method.empty() || !f.payload.empty())) {
+    std::cerr << "canopyctl: invoke: --module, --method and --payload go with --device\n";
+    return exit_usage;
+  }
+  return exit_ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -603,11 +1426,21 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(std::size_t{1}, std::size_t{100000}))
       ->capture_default_str();
 
+  certs_cli certs_options;
+  add_certs_commands(app, certs_options);
+
+  fleet_cli fleet;
+  add_fleet_commands(app, fleet, twin, invoke, monitor);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? exit_ok : exit_usage;
   }
+
+  if (certs_options.selected()) return run_certs(certs_options);  // files only: no node, no socket
+  if (fleet.selected()) return run_fleet(fleet, invoke_timeout, count, monitor_timeout);  // the hub: no socket
+  if (int rc = check_local_usage(fleet); rc != exit_ok) return rc;
 
   if (*send) {
     if (tmpl.device.empty() && tmpl.module.empty()) {

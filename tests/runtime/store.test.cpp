@@ -16,7 +16,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 using namespace canopy;
@@ -376,6 +378,7 @@ TEST_CASE("store: upstream append, read in order, trim, seq monotonic across reo
       CHECK(rec.seq == seqs[i]);
       CHECK(rec.enqueued_ms == 100 + i);
       CHECK(rec.source_module == "sensor");
+      CHECK(rec.source_device.empty());  // not given
       CHECK(rec.output == (i % 2 ? "odd" : "even"));
       CHECK(rec.msg.body() == "body-" + std::to_string(i));
       CHECK(rec.msg.message_id() == std::to_string(i));
@@ -440,6 +443,17 @@ TEST_CASE("store: a stored upstream message that does not decode is an error nam
   REQUIRE_FALSE(read.ok());
   CHECK(read.err().code == errc::store_error);
   CHECK_THAT(read.err().message, Catch::Contains("seq " + std::to_string(r->front())));
+  for (const std::string device : {"", "m-device"}) {
+    auto q = store->query_upstream(device, 0, 0, 10);
+    if (device.empty()) {
+      REQUIRE_FALSE(q.ok());
+      CHECK(q.err().code == errc::store_error);
+      CHECK_THAT(q.err().message, Catch::Contains("seq " + std::to_string(r->front())));
+    } else {
+      REQUIRE(q.ok());  // the junk has no device: not read at all
+      CHECK(q->empty());
+    }
+  }
 }
 
 TEST_CASE("store: a failed write is a store_error naming the statement", "[store]") {
@@ -480,4 +494,236 @@ TEST_CASE("store: a failed write is a store_error naming the statement", "[store
   auto ok = store->append_upstream(batch);
   REQUIRE(ok.ok());
   CHECK(*store->upstream_count() == 1);
+}
+
+namespace {
+
+/// Writes `dir/canopy.db` as a Canopy of schema version 1 left it (the first
+/// migration's SQL, verbatim), with `n` $upstream rows of body "old-<i>",
+/// enqueued at 500 + i.
+void write_schema_1_file(const std::string& dir, int n) {
+  fs::create_directories(dir);
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open((dir + "/canopy.db").c_str(), &db) == SQLITE_OK);
+  const char* v1 = R"sql(
+PRAGMA application_id = 1128353359;
+CREATE TABLE deployment (
+  id            INTEGER PRIMARY KEY CHECK (id = 1),
+  manifest_json TEXT NOT NULL,
+  base_dir      TEXT NOT NULL,
+  version       INTEGER NOT NULL,
+  applied_ms    INTEGER NOT NULL);
+CREATE TABLE module_state (
+  name             TEXT PRIMARY KEY,
+  status           TEXT NOT NULL,
+  restart_count    INTEGER NOT NULL,
+  last_start_ms    INTEGER NOT NULL,
+  last_exit_ms     INTEGER NOT NULL,
+  last_exit_reason TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE reported (
+  module TEXT PRIMARY KEY,
+  json   TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE upstream (
+  seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+  enqueued_ms   INTEGER NOT NULL,
+  source_module TEXT NOT NULL,
+  output        TEXT NOT NULL,
+  message       BLOB NOT NULL);
+PRAGMA user_version = 1;
+)sql";
+  static_assert(0x43414e4f == 1128353359, "node_store's application id");
+  REQUIRE(sqlite3_exec(db, v1, nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_stmt* ins = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db,
+                             "INSERT INTO upstream (enqueued_ms, source_module, output, message) "
+                             "VALUES (?1, 'sensor', 'out', ?2)",
+                             -1, &ins, nullptr) == SQLITE_OK);
+  for (int i = 0; i < n; ++i) {
+    const auto m = make_message("old-" + std::to_string(i), std::to_string(i));
+    const std::string bytes(m.encoded());
+    sqlite3_bind_int64(ins, 1, 500 + i);
+    sqlite3_bind_blob(ins, 2, bytes.data(), static_cast<int>(bytes.size()), SQLITE_TRANSIENT);
+    REQUIRE(sqlite3_step(ins) == SQLITE_DONE);
+    sqlite3_reset(ins);
+  }
+  sqlite3_finalize(ins);
+  REQUIRE(sqlite3_exec(db, "INSERT INTO reported VALUES ('sensor', '{\"rate\":1}')", nullptr,
+                       nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(db);
+}
+
+/// Appends one $upstream record per (device, enqueued_ms) pair, body "<device>@<ms>",
+/// in one batch; returns their seqs.
+std::vector<std::int64_t> append_from(node_store& store,
+                                      const std::vector<std::pair<std::string, std::int64_t>>& rows) {
+  std::vector<message> msgs;
+  for (const auto& [device, ms] : rows) msgs.push_back(make_message(device + "@" + std::to_string(ms), "x"));
+  std::vector<upstream_entry> batch;
+  for (std::size_t i = 0; i < rows.size(); ++i)
+    batch.push_back({"sensor", "out", rows[i].second, msgs[i].encoded(), rows[i].first});
+  auto seqs = store.append_upstream(batch);
+  INFO((seqs ? std::string() : seqs.err().message));
+  REQUIRE(seqs.ok());
+  return *seqs;
+}
+
+/// The bodies of `recs`, in order.
+std::vector<std::string> bodies(const std::vector<upstream_record>& recs) {
+  std::vector<std::string> out;
+  for (const auto& r : recs) out.emplace_back(r.msg.body());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("store: a schema 1 file is migrated: upstream gains source_device ('' for old rows) "
+          "and its index",
+          "[store]") {
+  temp_dir tmp;
+  const std::string db = tmp.path + "/canopy.db";
+  write_schema_1_file(tmp.path, 3);
+  CHECK(query_one(db, "SELECT count(*) FROM pragma_table_info('upstream') "
+                      "WHERE name = 'source_device'") == "0");
+  {
+    auto store = open_ok(tmp.path);
+    CHECK(*store->schema_version() == 2);
+    CHECK(query_one(db, "SELECT type || ' ' || \"notnull\" || ' ' || dflt_value "
+                        "FROM pragma_table_info('upstream') WHERE name = 'source_device'") ==
+          "TEXT 1 ''");
+    CHECK(query_one(db, "SELECT group_concat(name, ',') FROM pragma_index_info('upstream_by_device')") ==
+          "source_device,enqueued_ms");
+    // What was there is still there, from no device.
+    CHECK(store->load_reported("sensor")->value_or("") == R"({"rate":1})");
+    auto old = store->read_upstream(0, 10);
+    REQUIRE(old.ok());
+    REQUIRE(old->size() == 3);
+    for (int i = 0; i < 3; ++i) {
+      CHECK((*old)[i].msg.body() == "old-" + std::to_string(i));
+      CHECK((*old)[i].enqueued_ms == 500 + i);
+      CHECK((*old)[i].source_device.empty());
+    }
+    auto all = store->query_upstream("", 0, 0, 10);
+    REQUIRE(all.ok());
+    CHECK(bodies(*all) == bodies(*old));
+    // New records carry their device; seqs go on after the old ones.
+    auto seqs = append_from(*store, {{"dev-1", 600}});
+    CHECK(seqs.front() > old->back().seq);
+    auto dev = store->query_upstream("dev-1", 0, 0, 10);
+    REQUIRE(dev.ok());
+    REQUIRE(dev->size() == 1);
+    CHECK(dev->front().source_device == "dev-1");
+    CHECK(dev->front().msg.body() == "dev-1@600");
+  }
+  // Migrated once: reopening changes nothing.
+  auto store = open_ok(tmp.path);
+  CHECK(*store->schema_version() == node_store::current_schema_version);
+  CHECK(*store->upstream_count() == 4);
+}
+
+TEST_CASE("store: query_upstream by device, since, after_seq and limit, in seq order", "[store]") {
+  temp_dir tmp;
+  auto store = open_ok(tmp.path);
+  auto seqs = append_from(*store, {{"dev-a", 1000},
+                                   {"dev-b", 1000},
+                                   {"dev-a", 1010},
+                                   {"hub", 1020},
+                                   {"dev-a", 1030},
+                                   {"dev-b", 1040}});
+  // A later batch whose wall clock went back: still after the others (seq order).
+  auto late = append_from(*store, {{"dev-a", 1005}, {"dev-a", 1050}});
+
+  auto q = [&](const std::string& device, std::int64_t since, std::int64_t after,
+               std::size_t limit) {
+    auto r = store->query_upstream(device, since, after, limit);
+    INFO((r ? std::string() : r.err().message));
+    REQUIRE(r.ok());
+    return std::move(r).value();
+  };
+
+  SECTION("one device, every field of the record") {
+    auto a = q("dev-a", 0, 0, 100);
+    CHECK(bodies(a) ==
+          std::vector<std::string>{"dev-a@1000", "dev-a@1010", "dev-a@1030", "dev-a@1005", "dev-a@1050"});
+    REQUIRE(a.size() == 5);
+    CHECK(a[0].seq == seqs[0]);
+    CHECK(a[1].seq == seqs[2]);
+    CHECK(a[3].seq == late[0]);
+    for (const auto& r : a) {
+      CHECK(r.source_device == "dev-a");
+      CHECK(r.source_module == "sensor");
+      CHECK(r.output == "out");
+    }
+    CHECK(a[2].enqueued_ms == 1030);
+    CHECK(bodies(q("dev-b", 0, 0, 100)) == std::vector<std::string>{"dev-b@1000", "dev-b@1040"});
+    CHECK(q("dev-c", 0, 0, 100).empty());
+    CHECK(q("dev", 0, 0, 100).empty());  // no prefix match
+  }
+  SECTION("since is inclusive") {
+    CHECK(bodies(q("dev-a", 1010, 0, 100)) ==
+          std::vector<std::string>{"dev-a@1010", "dev-a@1030", "dev-a@1050"});
+    CHECK(bodies(q("", 1030, 0, 100)) ==
+          std::vector<std::string>{"dev-a@1030", "dev-b@1040", "dev-a@1050"});
+    CHECK(q("dev-a", 1051, 0, 100).empty());
+  }
+  SECTION("after_seq is exclusive") {
+    CHECK(bodies(q("dev-a", 0, seqs[2], 100)) ==
+          std::vector<std::string>{"dev-a@1030", "dev-a@1005", "dev-a@1050"});
+    CHECK(bodies(q("", 0, seqs[4], 100)) ==
+          std::vector<std::string>{"dev-b@1040", "dev-a@1005", "dev-a@1050"});
+    CHECK(q("", 0, late.back(), 100).empty());
+  }
+  SECTION("\"\" is every device, including records of the node's own modules") {
+    auto all = q("", 0, 0, 100);
+    REQUIRE(all.size() == 8);
+    CHECK(all[3].source_device == "hub");
+    for (std::size_t i = 1; i < all.size(); ++i) CHECK(all[i].seq > all[i - 1].seq);
+  }
+  SECTION("limit, and paging with the last seq returned") {
+    CHECK(q("dev-a", 0, 0, 0).empty());
+    CHECK(q("", 0, 0, 0).empty());
+    for (const std::string device : {"", "dev-a"}) {
+      std::vector<std::string> paged;
+      std::int64_t after = 0;
+      int pages = 0;
+      for (;;) {
+        auto page = q(device, 1000, after, 2);
+        CHECK(page.size() <= 2);
+        if (page.empty()) break;
+        ++pages;
+        for (auto& b : bodies(page)) paged.push_back(b);
+        after = page.back().seq;
+      }
+      CHECK(paged == bodies(q(device, 1000, 0, 100)));
+      CHECK(pages == (device.empty() ? 4 : 3));
+    }
+  }
+  SECTION("a limit above max_query_limit is capped") {
+    std::vector<std::pair<std::string, std::int64_t>> many(node_store::max_query_limit + 5,
+                                                           {"bulk", 2000});
+    append_from(*store, many);
+    CHECK(q("bulk", 0, 0, 1000000).size() == node_store::max_query_limit);
+    CHECK(q("", 0, 0, std::numeric_limits<std::size_t>::max()).size() ==
+          node_store::max_query_limit);
+    CHECK(q("bulk", 0, 0, 7).size() == 7);
+  }
+}
+
+TEST_CASE("store: query_upstream by device reads through the index upstream_by_device", "[store]") {
+  temp_dir tmp;
+  auto store = open_ok(tmp.path);
+  append_from(*store, {{"dev-a", 1000}});
+  // Without the index the by-device query refuses (INDEXED BY) rather than
+  // scanning the whole table; the query over every device does not need it.
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open((tmp.path + "/canopy.db").c_str(), &db) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(db, "DROP INDEX upstream_by_device", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(db);
+  auto r = store->query_upstream("dev-a", 0, 0, 10);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.err().code == errc::store_error);
+  CHECK_THAT(r.err().message, Catch::Contains("upstream_by_device"));
+  CHECK_THAT(r.err().message, Catch::Contains(tmp.path + "/canopy.db"));
+  auto all = store->query_upstream("", 0, 0, 10);
+  REQUIRE(all.ok());
+  CHECK(all->size() == 1);
 }

@@ -1,0 +1,106 @@
+// canopy::tls_config — a node's TLS identity as a kj::TlsContext (kj-tls on
+// OpenSSL): its certificate and key, the fleet CA(s) it trusts, and the context
+// built from them. Used by the gateway links (mTLS, DESIGN.md "Between nodes")
+// and the hub's HTTPS API.
+//
+// Threading: load()/from_pem() may run on any thread; the TlsContext itself is
+// used on the I/O thread (its wrapServer/wrapClient promises belong to that
+// loop's event loop, as does the optional kj::Timer).
+#pragma once
+
+#include "gateway/certs.hpp"
+#include "runtime/expected.hpp"
+
+#include <kj/async-io.h>
+#include <kj/compat/tls.h>
+#include <kj/memory.h>
+#include <kj/timer.h>
+
+#include <memory>
+#include <string>
+
+namespace canopy {
+
+/// Where a node's TLS identity lives: its certificate (optionally followed by
+/// intermediates), its private key and the trusted fleet CA certificate(s), all PEM.
+struct tls_files {
+  std::string cert_path;  ///< e.g. <dir>/<id>.crt
+  std::string key_path;   ///< e.g. <dir>/<id>.key
+  std::string ca_path;    ///< e.g. <dir>/ca.crt (one or more trust anchors)
+};
+
+/// How a context will be used.
+enum class tls_role {
+  server_verify_clients,  ///< server that requires a client certificate chaining to the CA (mTLS)
+  server,                 ///< server that asks for no client certificate (e.g. the HTTPS API)
+  client,                 ///< client: presents its certificate if asked, verifies the server's
+};
+
+/// A kj::TlsContext with everything it points into. TlsContext::Options keeps
+/// pointers to the keypair and trusted certificates, so they live together here;
+/// hence neither copyable nor movable (hold it in the unique_ptr the factories return).
+///
+/// Settings: no system trust store (only the given CA certificates), TLS 1.2 or
+/// later, client certificates required for tls_role::server_verify_clients, and a
+/// 10 s handshake timeout on the server side when a timer is given.
+class tls_config {
+ private:
+  struct token {};
+
+ public:
+  /// Reads the PEM files, checks that the key belongs to the certificate and that
+  /// the certificate chains to the CA, and builds the context. A certificate
+  /// outside its validity period is accepted and reported by problem().
+  /// Errors name the file ("node certificate /x/gw1.crt: certificate has expired
+  /// (notAfter ...)"). `timer`, if given, must outlive the result.
+  static expected<std::unique_ptr<tls_config>> load(const tls_files& files, tls_role role,
+                                                    kj::Timer* timer = nullptr);
+
+  /// As load(), from PEM text in memory (tests, or identities kept elsewhere).
+  static expected<std::unique_ptr<tls_config>> from_pem(const certs::key_and_cert& identity,
+                                                        const std::string& ca_pem, tls_role role,
+                                                        kj::Timer* timer = nullptr);
+
+  /// For the factories only (the token is private).
+  tls_config(token, kj::TlsKeypair keypair, kj::Array<kj::TlsCertificate> trusted,
+             std::string common_name, std::string thumbprint);
+  ~tls_config();
+
+  tls_config(const tls_config&) = delete;
+  tls_config& operator=(const tls_config&) = delete;
+  tls_config(tls_config&&) = delete;
+  tls_config& operator=(tls_config&&) = delete;
+
+  /// The context: wrapServer()/wrapClient()/wrapPort(). Valid as long as this object.
+  kj::TlsContext& context() { return *context_; }
+
+  /// Subject CN of this node's certificate (its id).
+  const std::string& common_name() const { return common_name_; }
+
+  /// SHA-256 thumbprint of this node's certificate (uppercase hex).
+  const std::string& thumbprint() const { return thumbprint_; }
+
+  /// Why peers will refuse this certificate now although it chains to the CA
+  /// ("node certificate /x/gw1.crt expired at ..."), or "" if it is valid now.
+  /// load() accepts such a certificate so that a node keeps running offline.
+  const std::string& problem() const { return problem_; }
+
+ private:
+  static expected<std::unique_ptr<tls_config>> build(
+    const certs::key_and_cert& identity, const std::string& ca_pem, tls_role role, kj::Timer* timer,
+    const std::string& cert_label, const std::string& key_label, const std::string& ca_label);
+
+  kj::TlsKeypair keypair_;                 // own key + certificate (chain)
+  kj::Array<kj::TlsCertificate> trusted_;  // one per trust anchor
+  std::string common_name_;
+  std::string problem_;
+  std::string thumbprint_;
+  kj::Own<kj::TlsContext> context_;  // points into keypair_ and trusted_; destroyed first
+};
+
+/// The subject CN of the peer's certificate on a stream from
+/// TlsContext::wrapServer/wrapClient(kj::AuthenticatedStream); "" if the stream is
+/// not TLS or the peer presented no certificate. I/O thread.
+std::string peer_common_name(kj::AuthenticatedStream& stream);
+
+}  // namespace canopy

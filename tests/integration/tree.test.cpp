@@ -1,0 +1,407 @@
+// Integration: a tree of real `canopy` processes on loopback — a hub, gateways
+// linked to it over mutually authenticated TLS, leaf devices' telemetry going
+// up — driven the way an operator does it: `canopyctl certs` for the
+// certificates, `canopyctl device create` against the hub's REST API, and
+// `canopyctl send` as a leaf device's program.
+#include "integration/process.hpp"
+
+#include "gateway/certs.hpp"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <string>
+
+using namespace canopy::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  socklen_t len = sizeof a;
+  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+std::string loopback(int port) { return "127.0.0.1:" + std::to_string(port); }
+
+/// A plain HTTP GET on 127.0.0.1:port; the whole answer (headers and body).
+std::string http_get(int port, const std::string& path) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0)
+    return {};
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<std::uint16_t>(port));
+  std::string out;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+    std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if (::write(fd, req.data(), req.size()) == static_cast<ssize_t>(req.size())) {
+      char buf[4096];
+      timeval tv{5, 0};
+      ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;)
+        out.append(buf, static_cast<std::size_t>(n));
+    }
+  }
+  ::close(fd);
+  return out;
+}
+
+/// The certificates of a fleet, made with `canopyctl certs` as a user would.
+class fleet_certs {
+ public:
+  explicit fleet_certs(const canopy_paths& paths) : paths_(paths), dir_("cnc") {
+    ctl({"certs", "ca", "--out", dir_.path()});
+  }
+  /// Issues DIR/<id>.crt and DIR/<id>.key.
+  void issue(const std::string& id) { ctl({"certs", "issue", "--ca-dir", dir_.path(), "--id", id}); }
+  const std::string& dir() const { return dir_.path(); }
+  std::string ca() const { return dir_.file("ca.crt"); }
+
+ private:
+  void ctl(std::vector<std::string> args) {
+    args.insert(args.begin(), paths_.canopyctl);
+    auto r = run(args, 30s);
+    INFO(r.output);
+    REQUIRE(r.exit_code == 0);
+  }
+  canopy_paths paths_;
+  temp_dir dir_;
+};
+
+/// The hub: registry, telemetry store and REST API.
+struct hub_node {
+  canopy_node node;
+  const fleet_certs& certs;
+  int link_port = free_port();
+  int api_port = free_port();
+  int metrics_port = free_port();
+
+  hub_node(const canopy_paths& paths, const fleet_certs& c) : node(paths), certs(c) {}
+
+  void start() {
+    node.start("", {"--role", "hub", "--device-id", "hub", "--certs", certs.dir(), "--link-listen",
+                    loopback(link_port), "--api-listen", loopback(api_port), "--metrics-listen",
+                    loopback(metrics_port)});
+    REQUIRE(node.wait_ready());
+  }
+
+  /// `canopyctl --hub ... args` against the REST API.
+  run_result ctl(const std::vector<std::string>& args) const {
+    std::vector<std::string> argv{node.paths().canopyctl, "--hub", "https://" + loopback(api_port), "--hub-id",
+                                  "hub", "--ca", certs.ca(), "--token-file", node.data_dir() + "/api-token"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run(argv, 30s);
+  }
+
+  void must(const std::vector<std::string>& args) const {
+    auto r = ctl(args);
+    INFO("canopyctl " << args.front() << " ...: " << r.output);
+    REQUIRE(r.exit_code == 0);
+  }
+
+  /// Telemetry of `device` at the hub, as parsed JSON records (oldest first).
+  nlohmann::json telemetry(const std::string& device) const {
+    auto r = ctl({"telemetry", "--device", device, "--limit", "10000", "--json"});
+    if (r.exit_code != 0)
+      return nlohmann::json::array();
+    auto j = nlohmann::json::parse(r.output, nullptr, false);
+    return j.is_array() ? j : nlohmann::json::array();
+  }
+};
+
+/// A gateway with a parent.
+void start_gateway(canopy_node& gw, const std::string& id, const fleet_certs& certs, int parent_port,
+                   const std::string& parent_id, int listen_port = 0) {
+  std::vector<std::string> args{"--device-id", id, "--certs", certs.dir(), "--parent", loopback(parent_port),
+                                "--parent-id", parent_id};
+  if (listen_port != 0) {
+    args.push_back("--link-listen");
+    args.push_back(loopback(listen_port));
+  }
+  gw.start("", args);
+  REQUIRE(gw.wait_ready());
+}
+
+nlohmann::json metrics(const canopy_node& node) {
+  auto r = node.ctl({"metrics", "--json"});
+  if (r.exit_code != 0)
+    return {};
+  auto j = nlohmann::json::parse(r.output, nullptr, false);
+  return j.is_discarded() ? nlohmann::json{} : j;
+}
+
+/// The node's link with `role` to `peer`, from `canopyctl metrics --json`.
+nlohmann::json link_of(const canopy_node& node, const std::string& role, const std::string& peer) {
+  for (auto& l : metrics(node).value("links", nlohmann::json::array()))
+    if (l.value("role", "") == role && l.value("peer", "") == peer)
+      return l;
+  return {};
+}
+
+bool link_up(const canopy_node& node, const std::string& role, const std::string& peer) {
+  auto l = link_of(node, role, peer);
+  return !l.is_null() && l.value("up", false);
+}
+
+/// Writes `count` JSON readings {"n": first..} one per line; returns the path.
+std::string readings_file(const canopy_node& node, long first, long count) {
+  auto path = node.dir().file("readings-" + std::to_string(first) + ".txt");
+  std::ofstream out{path};
+  for (long i = first; i < first + count; ++i)
+    out << R"({"temperature":21.5,"n":)" << i << "}\n";
+  return path;
+}
+
+/// Sends the readings as leaf device `device` through `node`; the number acknowledged.
+long send_readings(const canopy_node& node, const std::string& device, long first, long count) {
+  child_process sender{{node.paths().canopyctl, "--socket", node.socket(), "send", "--device", device,
+                        "--content-type", "application/json", "--content-encoding", "utf-8", "--stdin",
+                        "--window", "64"},
+                       {},
+                       readings_file(node, first, count)};
+  REQUIRE(sender.wait_for(120s).has_value());
+  auto out = sender.output();
+  static const std::regex ok_re{R"((^|\n)\d+ ok \d+)"};
+  return static_cast<long>(std::distance(std::sregex_iterator(out.begin(), out.end(), ok_re),
+                                         std::sregex_iterator()));
+}
+
+/// The "n" of each telemetry record, in arrival order.
+std::vector<long> numbers(const nlohmann::json& records) {
+  std::vector<long> out;
+  for (auto& r : records)
+    if (r.contains("body") && r["body"].is_object() && r["body"].contains("n"))
+      out.push_back(r["body"]["n"].get<long>());
+  return out;
+}
+
+/// True if `ns` holds first..first+count-1, each at least once, first
+/// occurrences in order.
+bool complete_in_order(const std::vector<long>& ns, long first, long count) {
+  long next = first;
+  for (long n : ns) {
+    if (n == next)
+      ++next;
+    else if (n > next)
+      return false;  // a gap, or out of order
+  }
+  return next == first + count;
+}
+
+}  // namespace
+
+TEST_CASE("a grandchild's telemetry reaches the hub over two mutually authenticated TLS links",
+          "[tree]") {
+  auto paths = canopy_paths::from_env();
+  fleet_certs certs{paths};
+  for (auto id : {"hub", "gw1", "gw2"})
+    certs.issue(id);
+  hub_node hub{paths, certs};
+  hub.start();
+  hub.must({"device", "create", "gw1", "--parent", "hub", "--kind", "gateway", "--tag", "site=plant-1"});
+  hub.must({"device", "create", "gw2", "--parent", "gw1", "--kind", "gateway"});
+  hub.must({"device", "create", "sensor-1", "--parent", "gw2", "--kind", "device", "--auth", "x509_ca"});
+
+  canopy_node gw1{paths}, gw2{paths};
+  const int gw1_port = free_port();
+  start_gateway(gw1, "gw1", certs, hub.link_port, "hub", gw1_port);
+  start_gateway(gw2, "gw2", certs, gw1_port, "gw1");
+  REQUIRE(wait_until([&] { return link_up(gw1, "parent", "hub"); }, 30s, 100ms));
+  // gw2 is admitted once gw1 has its registry scope from the hub.
+  REQUIRE(wait_until([&] { return link_up(gw2, "parent", "gw1"); }, 60s, 100ms));
+  CHECK(link_up(hub.node, "child", "gw1"));
+  CHECK(link_up(gw1, "child", "gw2"));
+  CHECK(link_of(gw2, "parent", "gw1").value("rtt_us", 0) > 0);
+
+  REQUIRE(send_readings(gw2, "sensor-1", 1, 500) == 500);
+  nlohmann::json at_hub;
+  REQUIRE(wait_until([&] {
+    at_hub = hub.telemetry("sensor-1");
+    return at_hub.size() >= 500;
+  }, 60s, 250ms));
+  CHECK(complete_in_order(numbers(at_hub), 1, 500));
+  CHECK(at_hub[0].value("deviceId", "") == "sensor-1");
+
+  // Every node serves Prometheus text.
+  auto prom = http_get(hub.metrics_port, "/metrics");
+  CHECK(prom.find("200 OK") != std::string::npos);
+  CHECK(prom.find("edgehub_messages_received_total") != std::string::npos);
+  CHECK(prom.find(R"(canopy_link_up{edge_device="hub",peer="gw1",role="child"} 1)") != std::string::npos);
+
+  // The fleet as the hub sees it.
+  auto status = hub.ctl({"status", "--json"});
+  REQUIRE(status.exit_code == 0);
+  auto fleet = nlohmann::json::parse(status.output);
+  std::map<std::string, nlohmann::json> by_id;
+  for (auto& n : fleet)
+    by_id[n.value("deviceId", "")] = n;
+  CHECK(by_id["gw1"].value("connected", false));
+  CHECK(by_id["gw2"].value("parentId", "") == "gw1");
+
+  CHECK(gw2.stop().value_or(-1) == 0);
+  CHECK(gw1.stop().value_or(-1) == 0);
+  CHECK(hub.node.stop().value_or(-1) == 0);
+}
+
+TEST_CASE("children that cannot prove who they are, or are not registered here, are refused", "[tree]") {
+  auto paths = canopy_paths::from_env();
+  fleet_certs certs{paths};
+  for (auto id : {"hub", "gw1", "stranger"})
+    certs.issue(id);
+  hub_node hub{paths, certs};
+  hub.start();
+  hub.must({"device", "create", "gw1", "--parent", "hub", "--kind", "gateway"});
+
+  SECTION("a certificate from another CA") {
+    // A second fleet's CA issues "gw1"; the child trusts both CAs (so it can
+    // check the hub), but the hub trusts only its own.
+    fleet_certs rogue{paths};
+    rogue.issue("gw1");
+    temp_dir mixed{"cnm"};
+    write_text_file(mixed.file("gw1.crt"), read_text_file(rogue.dir() + "/gw1.crt"));
+    write_text_file(mixed.file("gw1.key"), read_text_file(rogue.dir() + "/gw1.key"));
+    write_text_file(mixed.file("ca.crt"), read_text_file(rogue.ca()) + read_text_file(certs.ca()));
+    canopy_node gw{paths};
+    gw.start("", {"--device-id", "gw1", "--certs", mixed.path(), "--parent", loopback(hub.link_port),
+                  "--parent-id", "hub"});
+    REQUIRE(gw.wait_ready());
+    REQUIRE(wait_until([&] { return link_of(gw, "parent", "hub").value("last_error", "") != ""; }, 30s, 100ms));
+    CHECK_FALSE(link_up(gw, "parent", "hub"));
+    CHECK(link_of(hub.node, "child", "gw1").is_null());
+    CHECK(gw.stop().value_or(-1) == 0);
+  }
+  SECTION("an id the hub's registry does not know") {
+    canopy_node gw{paths};
+    gw.start("", {"--device-id", "stranger", "--certs", certs.dir(), "--parent", loopback(hub.link_port),
+                  "--parent-id", "hub"});
+    REQUIRE(gw.wait_ready());
+    REQUIRE(wait_until([&] {
+      return link_of(gw, "parent", "hub").value("last_error", "").find("unknown device") != std::string::npos;
+    }, 30s, 100ms));
+    CHECK(hub.node.output().find("refused child 'stranger'") != std::string::npos);
+    CHECK(gw.stop().value_or(-1) == 0);
+  }
+  SECTION("an expired certificate") {
+    // canopyctl issues only valid certificates: an expired one comes from the library.
+    auto ca = canopy::certs::read_files(certs.dir(), "ca");
+    REQUIRE(ca);
+    auto o = canopy::certs::for_id("gw1", std::chrono::hours{24});
+    o.not_before = std::chrono::system_clock::now() - std::chrono::hours{48};
+    o.not_after = std::chrono::system_clock::now() - std::chrono::hours{24};
+    auto expired = canopy::certs::issue(*ca, o);
+    REQUIRE(expired);
+    temp_dir old{"cno"};
+    REQUIRE(canopy::certs::write_files(old.path(), "gw1", *expired));
+    write_text_file(old.file("ca.crt"), read_text_file(certs.ca()));
+    canopy_node gw{paths};
+    gw.start("", {"--device-id", "gw1", "--certs", old.path(), "--parent", loopback(hub.link_port),
+                  "--parent-id", "hub"});
+    // It runs (offline), says why, and the hub never admits it.
+    REQUIRE(gw.wait_ready());
+    REQUIRE(wait_until([&] {
+      return link_of(gw, "parent", "hub").value("last_error", "").find("expired") != std::string::npos;
+    }, 30s, 100ms));
+    CHECK(gw.output().find("certificate has expired") != std::string::npos);
+    CHECK_FALSE(link_up(gw, "parent", "hub"));
+    CHECK(link_of(hub.node, "child", "gw1").is_null());
+    CHECK(gw.stop().value_or(-1) == 0);
+  }
+  CHECK(hub.node.stop().value_or(-1) == 0);
+}
+
+TEST_CASE("a child sending as a device outside its subtree is refused", "[tree]") {
+  auto paths = canopy_paths::from_env();
+  fleet_certs certs{paths};
+  for (auto id : {"hub", "gw1", "gw2"})
+    certs.issue(id);
+  hub_node hub{paths, certs};
+  hub.start();
+  hub.must({"device", "create", "gw1", "--parent", "hub", "--kind", "gateway"});
+  hub.must({"device", "create", "gw2", "--parent", "hub", "--kind", "gateway"});
+  hub.must({"device", "create", "sensor-a", "--parent", "gw1", "--kind", "device", "--auth", "x509_ca"});
+  hub.must({"device", "create", "sensor-b", "--parent", "gw2", "--kind", "device", "--auth", "x509_ca"});
+  canopy_node gw1{paths};
+  start_gateway(gw1, "gw1", certs, hub.link_port, "hub");
+  REQUIRE(wait_until([&] { return link_up(gw1, "parent", "hub"); }, 30s, 100ms));
+
+  // As its own device: accepted. As the sibling's device, or as the sibling: refused.
+  REQUIRE(send_readings(gw1, "sensor-a", 1, 10) == 10);
+  REQUIRE(send_readings(gw1, "sensor-b", 100, 10) == 10);
+  REQUIRE(send_readings(gw1, "gw2", 200, 10) == 10);
+  REQUIRE(wait_until([&] { return hub.telemetry("sensor-a").size() >= 10; }, 30s, 200ms));
+  REQUIRE(wait_until([&] { return metrics(hub.node).value("refused_messages", 0) >= 20; }, 30s, 200ms));
+  CHECK(hub.telemetry("sensor-b").empty());
+  CHECK(hub.telemetry("gw2").empty());
+  CHECK(hub.node.output().find("child 'gw1' sent a message as 'sensor-b', which is outside its subtree") !=
+        std::string::npos);
+  CHECK(gw1.stop().value_or(-1) == 0);
+  CHECK(hub.node.stop().value_or(-1) == 0);
+}
+
+TEST_CASE("a parent killed mid-stream: the child keeps the messages and delivers them in order", "[tree]") {
+  auto paths = canopy_paths::from_env();
+  fleet_certs certs{paths};
+  for (auto id : {"hub", "gw1"})
+    certs.issue(id);
+  hub_node hub{paths, certs};
+  hub.start();
+  hub.must({"device", "create", "gw1", "--parent", "hub", "--kind", "gateway"});
+  hub.must({"device", "create", "sensor-1", "--parent", "gw1", "--kind", "device", "--auth", "x509_ca"});
+  canopy_node gw1{paths};
+  start_gateway(gw1, "gw1", certs, hub.link_port, "hub");
+  REQUIRE(wait_until([&] { return link_up(gw1, "parent", "hub"); }, 30s, 100ms));
+
+  constexpr long total = 8000;
+  child_process sender{{paths.canopyctl, "--socket", gw1.socket(), "send", "--device", "sensor-1", "--content-type",
+                        "application/json", "--content-encoding", "utf-8", "--stdin", "--window", "64"},
+                       {},
+                       readings_file(gw1, 1, total)};
+  // Once the hub has some of them, pull its plug.
+  REQUIRE(wait_until([&] { return metrics(hub.node).value("received", 0) >= 1500; }, 60s, 50ms));
+  hub.node.process().send_signal(SIGKILL);
+  REQUIRE(hub.node.process().wait_for(10s).has_value());
+  // The gateway keeps accepting while its parent is away.
+  REQUIRE(sender.wait_for(120s).value_or(-1) == 0);
+  REQUIRE(wait_until([&] { return !link_up(gw1, "parent", "hub"); }, 30s, 100ms));
+
+  hub.node.start("", {"--role", "hub", "--device-id", "hub", "--certs", certs.dir(), "--link-listen",
+                      loopback(hub.link_port), "--api-listen", loopback(hub.api_port)});
+  REQUIRE(hub.node.wait_ready());
+  // The registry survived the restart.
+  auto list = hub.ctl({"device", "list", "--json"});
+  REQUIRE(list.exit_code == 0);
+  CHECK(list.output.find("sensor-1") != std::string::npos);
+  REQUIRE(wait_until([&] { return link_up(gw1, "parent", "hub"); }, 60s, 100ms));
+  nlohmann::json at_hub;
+  REQUIRE(wait_until([&] {
+    at_hub = hub.telemetry("sensor-1");
+    return complete_in_order(numbers(at_hub), 1, total);
+  }, 120s, 500ms));
+  auto link = link_of(gw1, "parent", "hub");
+  CHECK(link.value("disconnects", 0) >= 1);
+  CHECK(link.value("offline_ms_total", 0) > 0);
+  CHECK(gw1.stop().value_or(-1) == 0);
+  CHECK(hub.node.stop().value_or(-1) == 0);
+}
