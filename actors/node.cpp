@@ -304,6 +304,8 @@ expected<void> start_api(node::impl& n) {
   ho.listen = n.opts.api_listen;
   ho.tls = &n.tls_api->context();
   ho.bearer_token = n.api_token;
+  // A direct method may take up to 300 s (Azure's limit); the API waits for it.
+  ho.reply_timeout = std::chrono::seconds{310};
   n.api_http = std::make_unique<http_server>(std::move(ho));
   add_hub_routes(*n.api_http, *n.bridge);
   if (auto r = n.api_http->start(*n.io); !r) {

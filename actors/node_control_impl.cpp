@@ -12,6 +12,22 @@
 
 namespace canopy {
 
+namespace {
+
+/// One `send` on its way to the router.
+struct send_job {
+  caf::actor router;
+  routed_message rm;
+  reply_fn<std::uint64_t> done;
+};
+
+}  // namespace
+}  // namespace canopy
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::send_job)
+
+namespace canopy {
+
 /// One follow/monitor subscription. The callback runs under `mtx` only while
 /// `active`, so unsubscribe() returning means no callback runs any more.
 struct node_control_impl::subscription {
@@ -90,9 +106,25 @@ node_control_impl::node_control_impl(caf::actor_system& sys, std::function<caf::
     store_(std::move(store)),
     router_(std::move(router)),
     logs_(logs),
-    loader_(loader) {}
+    loader_(loader) {
+  // One actor forwards every send, so that the router sees them in the order
+  // they were made (CAF orders messages per sender only).
+  sender_ = sys.spawn(
+    [](caf::event_based_actor* self, int) -> caf::behavior {
+      return {
+        [self](send_job& job) {
+          auto done = std::move(job.done);
+          self->request(job.router, caf::duration{control_timeout}, atoms::inject::value, std::move(job.rm))
+            .then([done](std::uint64_t targets) { done(targets); },
+                  [done](caf::error& err) { done(from_router(err)); });
+        },
+      };
+    },
+    0);
+}
 
 node_control_impl::~node_control_impl() {
+  caf::anon_send_exit(sender_, caf::exit_reason::user_shutdown);
   std::map<subscription_id, std::shared_ptr<subscription>> subs;
   {
     std::lock_guard<std::mutex> guard{mtx_};
@@ -244,15 +276,11 @@ void node_control_impl::send(std::string device, std::string module, std::string
     fail_later(sys_, std::move(done), router_missing());
     return;
   }
-  routed_message rm{std::move(msg), std::move(device), std::move(module), std::move(output)};
-  // Not ask(): a refusal of the router is classified by from_router().
-  sys_.spawn(
-    [done, router, rm](caf::event_based_actor* self, int) {
-      self->request(router, caf::duration{control_timeout}, atoms::inject::value, rm)
-        .then([done](std::uint64_t targets) { done(targets); },
-              [done](caf::error& err) { done(from_router(err)); });
-    },
-    0);
+  // Not ask(): in order, and a refusal of the router is classified by from_router().
+  caf::anon_send(sender_, send_job{std::move(router),
+                                   routed_message{std::move(msg), std::move(device), std::move(module),
+                                                  std::move(output)},
+                                   std::move(done)});
 }
 
 }  // namespace canopy

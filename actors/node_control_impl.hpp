@@ -58,6 +58,7 @@ class node_control_impl final : public node_control {
   std::function<caf::actor()> store_;
   std::function<caf::actor()> router_;
   std::function<void(node_metrics&)> extra_metrics_;
+  caf::actor sender_;  ///< forwards sends to the router, in order
   log_hub& logs_;
   plugin_loader& loader_;
   std::atomic<subscription_id> next_id_{1};

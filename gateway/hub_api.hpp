@@ -56,7 +56,7 @@ class hub_control;
 inline constexpr int hub_api_max_json_depth = 64;
 
 /// Most records one GET /telemetry answers (its `limit`; default 100).
-inline constexpr int hub_api_max_telemetry_limit = 1000;
+inline constexpr int hub_api_max_telemetry_limit = 10000;
 
 /// Longest responseTimeoutInSeconds of a direct method.
 inline constexpr int hub_api_max_method_timeout_secs = 300;

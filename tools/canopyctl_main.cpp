@@ -733,6 +733,7 @@ struct fleet_cli {
   std::string device_filter;
   std::string since;
   std::size_t limit = 100;
+  std::int64_t after_seq = 0;
 
   bool monitor_on_hub() const {
     return monitor->parsed() && (hub_opt->count() > 0 || !device_filter.empty() || !since.empty());
@@ -832,8 +833,9 @@ void add_fleet_commands(CLI::App& app, fleet_cli& f, CLI::App* twin, CLI::App* i
   f.telemetry->add_option("--device", f.device_filter, "from this device or gateway only");
   f.telemetry->add_option("--since", f.since, "enqueued since: 30s, 10m, 2h, 1d ago, or ms since the epoch");
   f.telemetry->add_option("--limit", f.limit, "at most N records")
-      ->check(CLI::Range(std::size_t{1}, std::size_t{1000}))
+      ->check(CLI::Range(std::size_t{1}, std::size_t{10000}))
       ->capture_default_str();
+  f.telemetry->add_option("--after", f.after_seq, "only records after this seq (to page through)");
   f.telemetry->add_flag("--json", f.as_json, "machine-readable output");
 
   // `monitor` watches the local $upstream; with --hub (or --device/--since) the hub's telemetry.
@@ -1256,7 +1258,7 @@ int cmd_telemetry(hub_client& hub, const fleet_cli& f) {
     }
     since = *parsed;
   }
-  auto records = hub.request("GET", telemetry_query(f, since, 0, f.limit));
+  auto records = hub.request("GET", telemetry_query(f, since, f.after_seq, f.limit));
   if (!records) return hub_failed(hub, "telemetry", records.err());
   if (f.as_json) {
     std::cout << json_text(*records) << "\n";

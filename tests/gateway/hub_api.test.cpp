@@ -560,7 +560,7 @@ TEST_CASE("hub API: telemetry with JSON or base64 bodies, filtered by the query"
   CHECK((*after)[0]["seq"] == 4);
 
   CHECK(error_of(c->request("GET", "/telemetry?limit=0")) ==
-        "query parameter 'limit': '0' must be an integer from 1 to 1000");
+        "query parameter 'limit': '0' must be an integer from 1 to 10000");
   CHECK(error_of(c->request("GET", "/telemetry?since=10m")) ==
         "query parameter 'since': '10m' must be an integer from 0 to 9223372036854775807");
   CHECK(error_of(c->request("GET", "/telemetry?dev=gw1")) ==

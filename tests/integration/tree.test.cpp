@@ -197,6 +197,19 @@ std::vector<long> numbers(const nlohmann::json& records) {
   return out;
 }
 
+/// Where complete_in_order() fails, for the test log.
+std::string first_disorder(const std::vector<long>& ns, long first) {
+  long next = first;
+  for (std::size_t i = 0; i < ns.size(); ++i) {
+    if (ns[i] == next)
+      ++next;
+    else if (ns[i] > next)
+      return "at record " + std::to_string(i) + ": n=" + std::to_string(ns[i]) + " while expecting " +
+             std::to_string(next) + " (of " + std::to_string(ns.size()) + " records)";
+  }
+  return "complete up to " + std::to_string(next - 1) + " (of " + std::to_string(ns.size()) + " records)";
+}
+
 /// True if `ns` holds first..first+count-1, each at least once, first
 /// occurrences in order.
 bool complete_in_order(const std::vector<long>& ns, long first, long count) {
@@ -241,6 +254,7 @@ TEST_CASE("a grandchild's telemetry reaches the hub over two mutually authentica
     at_hub = hub.telemetry("sensor-1");
     return at_hub.size() >= 500;
   }, 60s, 250ms));
+  INFO(first_disorder(numbers(at_hub), 1));
   CHECK(complete_in_order(numbers(at_hub), 1, 500));
   CHECK(at_hub[0].value("deviceId", "") == "sensor-1");
 
@@ -248,7 +262,7 @@ TEST_CASE("a grandchild's telemetry reaches the hub over two mutually authentica
   auto prom = http_get(hub.metrics_port, "/metrics");
   CHECK(prom.find("200 OK") != std::string::npos);
   CHECK(prom.find("edgehub_messages_received_total") != std::string::npos);
-  CHECK(prom.find(R"(canopy_link_up{edge_device="hub",peer="gw1",role="child"} 1)") != std::string::npos);
+  CHECK(prom.find(R"(canopy_link_up{peer="gw1",role="child",edge_device="hub"} 1)") != std::string::npos);
 
   // The fleet as the hub sees it.
   auto status = hub.ctl({"status", "--json"});
@@ -395,10 +409,12 @@ TEST_CASE("a parent killed mid-stream: the child keeps the messages and delivers
   CHECK(list.output.find("sensor-1") != std::string::npos);
   REQUIRE(wait_until([&] { return link_up(gw1, "parent", "hub"); }, 60s, 100ms));
   nlohmann::json at_hub;
-  REQUIRE(wait_until([&] {
+  const bool complete = wait_until([&] {
     at_hub = hub.telemetry("sensor-1");
     return complete_in_order(numbers(at_hub), 1, total);
-  }, 120s, 500ms));
+  }, 120s, 500ms);
+  INFO(first_disorder(numbers(at_hub), 1));
+  REQUIRE(complete);
   auto link = link_of(gw1, "parent", "hub");
   CHECK(link.value("disconnects", 0) >= 1);
   CHECK(link.value("offline_ms_total", 0) > 0);

@@ -1,0 +1,804 @@
+// bench-chain: throughput of 100-byte telemetry through a three-hop chain of
+// real canopy processes on loopback — leaf device (`canopyctl send --stdin`,
+// as a device's program) → gateway gw-b → gateway gw-a → hub, mutually
+// authenticated TLS links, every hop durable (each gateway's router commits a
+// message before its parent is asked for it; the hub commits it to its
+// telemetry store) — against a chain of three mosquitto brokers on the same
+// machine, C → B → A, bridged with QoS 1 (plain TCP, persistence off: not
+// durable), a libmosquitto publisher on C (QoS 1, a window of messages in
+// flight) and a subscriber on A (QoS 1). Same bodies on both sides.
+//
+// canopy: from spawning the sender until the hub's router counts N deliveries
+// acknowledged by its telemetry store (`sent`, polled over the hub's control
+// socket). mosquitto: from the first publish until the subscriber on A has
+// received the N-th message.
+//   RESULT bench-chain canopy_msg_s=... mosquitto_msg_s=... ratio=... messages=N hops=3
+//
+// Options (--name=value): --messages=N (each side), --window=N (canopyctl
+// send's window and the publisher's in-flight window), --senders=K (parallel
+// `canopyctl send` processes, each its own leaf device), --mqtt-inflight=N
+// (the brokers' max_inflight_messages), --rounds=N (best of N, each side).
+// The programs: CANOPY_BIN / CANOPYCTL_BIN, else the build's.
+#include "bench/bench_common.hpp"
+#include "gateway/control_client.hpp"
+#include "integration/process.hpp"
+
+#include <mosquitto.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+using namespace canopy;
+using namespace std::chrono_literals;
+using canopy::bench::bench_clock;
+using canopy::test::child_process;
+
+namespace {
+
+constexpr std::string_view bench_name = "bench-chain";
+constexpr std::size_t body_size = 100;
+
+// --- stopping ---------------------------------------------------------------
+
+/// A failure: main() catches it, so every child process and temp dir goes
+/// with the unwinding.
+[[noreturn]] void fail(const std::string& what) {
+  throw std::runtime_error(what);
+}
+
+// SIGINT/SIGTERM: the handler kills the children (kill() is async-signal
+// safe) and sets the flag; the next wait sees it and unwinds.
+std::atomic<bool> stop_requested{false};
+constexpr int max_children = 16;
+std::atomic<pid_t> child_pids[max_children];
+
+void on_stop_signal(int) {
+  stop_requested = true;
+  for (auto& p : child_pids)
+    if (pid_t pid = p.load(); pid > 0)
+      ::kill(pid, SIGKILL);
+}
+
+void remember_child(pid_t pid) {
+  for (auto& p : child_pids) {
+    pid_t expected = 0;
+    if (p.compare_exchange_strong(expected, pid))
+      return;
+  }
+}
+
+void forget_child(pid_t pid) {
+  for (auto& p : child_pids) {
+    pid_t expected = pid;
+    if (p.compare_exchange_strong(expected, 0))
+      return;
+  }
+}
+
+void check_stop() {
+  if (stop_requested)
+    fail("interrupted");
+}
+
+/// A child process known to the signal handler.
+class tracked_process {
+ public:
+  tracked_process(const std::vector<std::string>& argv, const std::string& stdin_path = {})
+      : proc_(argv, {}, stdin_path) {
+    remember_child(proc_.pid());
+  }
+  ~tracked_process() {
+    forget_child(proc_.pid());
+    proc_.kill();
+  }
+  tracked_process(const tracked_process&) = delete;
+  tracked_process& operator=(const tracked_process&) = delete;
+
+  child_process& get() { return proc_; }
+
+  /// SIGTERM and up to `timeout` to exit; then SIGKILL.
+  void stop(std::chrono::milliseconds timeout = 10s) {
+    proc_.send_signal(SIGTERM);
+    if (!proc_.wait_for(timeout))
+      proc_.kill();
+  }
+
+  /// The last `keep` bytes of its output (for failure messages).
+  std::string output_tail(std::size_t keep = 2000) const {
+    auto out = proc_.output();
+    return out.size() > keep ? "..." + out.substr(out.size() - keep) : out;
+  }
+
+ private:
+  child_process proc_;
+};
+
+/// Calls `pred` every `interval` until true; fails with `what` after `timeout`.
+void wait_or_fail(const std::function<bool()>& pred, std::chrono::milliseconds timeout, const std::string& what,
+                  std::chrono::milliseconds interval = 20ms) {
+  auto deadline = bench_clock::now() + timeout;
+  while (!pred()) {
+    check_stop();
+    if (bench_clock::now() >= deadline)
+      fail("timed out waiting for " + what);
+    std::this_thread::sleep_for(interval);
+  }
+}
+
+// --- loopback ---------------------------------------------------------------
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0)
+    fail("socket: " + std::string(std::strerror(errno)));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    ::close(fd);
+    fail("bind 127.0.0.1:0: " + std::string(std::strerror(errno)));
+  }
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+bool port_accepts(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0)
+    return false;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<std::uint16_t>(port));
+  bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  ::close(fd);
+  return ok;
+}
+
+std::string loopback(int port) {
+  return "127.0.0.1:" + std::to_string(port);
+}
+
+// --- the messages -----------------------------------------------------------
+
+/// Body i: a JSON reading padded to exactly body_size bytes (no newline).
+std::string body_of(long device, long i) {
+  char head[64];
+  int n = std::snprintf(head, sizeof head, R"({"device":%ld,"n":%ld,"temperature":21.5,"pad":")", device, i);
+  std::string b(head, static_cast<std::size_t>(n));
+  b.append(body_size - b.size() - 2, 'x');
+  b += "\"}";
+  return b;
+}
+
+/// The paths of the programs under test.
+struct programs {
+  std::string canopy;
+  std::string canopyctl;
+
+  static programs find() {
+    programs p;
+    const char* c = std::getenv("CANOPY_BIN");
+    const char* ctl = std::getenv("CANOPYCTL_BIN");
+    p.canopy = c != nullptr && *c != '\0' ? c : CANOPY_BIN;
+    p.canopyctl = ctl != nullptr && *ctl != '\0' ? ctl : CANOPYCTL_BIN;
+    for (auto* path : {&p.canopy, &p.canopyctl})
+      if (::access(path->c_str(), X_OK) != 0)
+        fail(*path + " is not an executable (build it: ninja -C build canopy canopyctl)");
+    return p;
+  }
+};
+
+// --- canopy -----------------------------------------------------------------
+
+/// The router counters of the node behind `socket`, over its control socket.
+node_metrics metrics_of(const std::string& socket) {
+  auto client = control_client::connect(socket);
+  if (!client)
+    fail(client.err().message);
+  auto m = client->metrics();
+  if (!m)
+    fail("metrics of " + socket + ": " + m.err().message);
+  return std::move(m).value();
+}
+
+bool parent_link_up(const std::string& socket) {
+  auto client = control_client::connect(socket);
+  if (!client)
+    return false;
+  auto m = client->metrics();
+  if (!m)
+    return false;
+  for (const auto& l : m->links)
+    if (l.role == "parent" && l.up)
+      return true;
+  return false;
+}
+
+/// One canopy node process with its data dir and control socket in `dir`.
+struct canopy_process {
+  std::string id;
+  std::string data;
+  std::string socket;
+  std::optional<tracked_process> proc;
+};
+
+/// hub ← gw-a ← gw-b, certificates, registry: everything but the load.
+class canopy_chain {
+ public:
+  canopy_chain(programs progs, long devices) : progs_(std::move(progs)), dir_("cnbc") {
+    certs_ = dir_.file("certs");
+    ctl_ok({progs_.canopyctl, "certs", "ca", "--out", certs_});
+    for (auto id : {"hub", "gw-a", "gw-b"})
+      ctl_ok({progs_.canopyctl, "certs", "issue", "--ca-dir", certs_, "--id", id});
+
+    const int hub_link = free_port(), api = free_port(), gwa_link = free_port();
+    start(hub_, "hub", {"--role", "hub", "--link-listen", loopback(hub_link), "--api-listen", loopback(api)});
+    wait_or_fail([&] { return std::filesystem::exists(hub_.data + "/api-token") && port_accepts(api); }, 20s,
+                 "the hub's REST API");
+    std::vector<std::string> hub_ctl{progs_.canopyctl, "--hub",   "https://" + loopback(api),
+                                     "--hub-id",       "hub",     "--ca",
+                                     certs_ + "/ca.crt", "--token-file", hub_.data + "/api-token",
+                                     "device",         "create"};
+    auto create = [&](std::vector<std::string> args) {
+      auto argv = hub_ctl;
+      argv.insert(argv.end(), args.begin(), args.end());
+      ctl_ok(argv);
+    };
+    create({"gw-a", "--parent", "hub", "--kind", "gateway"});
+    create({"gw-b", "--parent", "gw-a", "--kind", "gateway"});
+    for (long d = 1; d <= devices; ++d)
+      create({device_id(d), "--parent", "gw-b", "--kind", "device", "--auth", "x509_ca"});
+
+    start(gwa_, "gw-a",
+          {"--parent", loopback(hub_link), "--parent-id", "hub", "--link-listen", loopback(gwa_link)});
+    start(gwb_, "gw-b", {"--parent", loopback(gwa_link), "--parent-id", "gw-a"});
+    wait_or_fail([&] { return parent_link_up(gwa_.socket); }, 30s, "gw-a's link to the hub", 100ms);
+    // gw-b is admitted once gw-a has its registry scope from the hub.
+    wait_or_fail([&] { return parent_link_up(gwb_.socket); }, 60s, "gw-b's link to gw-a", 100ms);
+  }
+
+  ~canopy_chain() {
+    // Leaf first, so no node is left waiting for its parent.
+    for (auto* n : {&gwb_, &gwa_, &hub_})
+      if (n->proc)
+        n->proc->stop();
+  }
+  canopy_chain(const canopy_chain&) = delete;
+  canopy_chain& operator=(const canopy_chain&) = delete;
+
+  static std::string device_id(long d) { return "dev-" + std::to_string(d); }
+
+  const programs& progs() const { return progs_; }
+  const test::temp_dir& dir() const { return dir_; }
+  const canopy_process& hub() const { return hub_; }
+  const canopy_process& gwa() const { return gwa_; }
+  const canopy_process& gwb() const { return gwb_; }
+
+  /// Pids, for CPU accounting: hub, gw-a, gw-b.
+  std::vector<pid_t> pids() {
+    return {hub_.proc->get().pid(), gwa_.proc->get().pid(), gwb_.proc->get().pid()};
+  }
+
+  /// Fails, with the node's log, if one of them exited.
+  void check_alive() {
+    for (auto* n : {&hub_, &gwa_, &gwb_})
+      if (!n->proc->get().running())
+        fail("canopy node " + n->id + " exited:\n" + n->proc->output_tail());
+  }
+
+ private:
+  void ctl_ok(const std::vector<std::string>& argv) {
+    auto r = test::run(argv, 30s);
+    if (r.exit_code != 0)
+      fail(argv[1] + " " + argv[2] + " failed:\n" + r.output);
+  }
+
+  void start(canopy_process& n, const std::string& id, std::vector<std::string> extra) {
+    n.id = id;
+    n.data = dir_.file(id);
+    n.socket = dir_.file(id + ".sock");
+    std::vector<std::string> argv{progs_.canopy, "run",     "--device-id", id,         "--certs",
+                                  certs_,        "-d",      n.data,        "-s",       n.socket,
+                                  "--log-level", "warn"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    n.proc.emplace(argv);
+  }
+
+  programs progs_;
+  test::temp_dir dir_;
+  std::string certs_;
+  canopy_process hub_, gwa_, gwb_;
+};
+
+/// utime + stime of `pid` in clock ticks, from /proc/PID/stat (0 if gone).
+long cpu_ticks(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto close = stat.rfind(')');
+  if (close == std::string::npos)
+    return 0;
+  std::istringstream rest(stat.substr(close + 2));
+  std::string field;
+  long utime = 0, stime = 0;
+  for (int i = 3; rest >> field; ++i) {
+    if (i == 14)
+      utime = std::stol(field);
+    if (i == 15) {
+      stime = std::stol(field);
+      break;
+    }
+  }
+  return utime + stime;
+}
+
+struct canopy_figures {
+  double msg_s = 0;
+  double producer_msg_s = 0;  ///< until every sender had all its messages acknowledged (durable at gw-b)
+  double seconds = 0;
+  std::vector<double> cpu_percent;  ///< hub, gw-a, gw-b, senders (of one core, over the run)
+  std::uint64_t commits_hub = 0, commits_gwa = 0, commits_gwb = 0;
+};
+
+/// One round: `senders` canopyctl processes, each sending `per_sender` bodies
+/// as its own leaf device with `window` in flight; timed until the hub's
+/// telemetry store acknowledged all of them.
+canopy_figures run_canopy(canopy_chain& chain, long per_sender, long senders, long window, long round) {
+  std::vector<std::string> files;
+  for (long s = 1; s <= senders; ++s) {
+    auto path = chain.dir().file("bodies-" + std::to_string(round) + "-" + std::to_string(s) + ".txt");
+    std::ofstream out(path);
+    for (long i = 0; i < per_sender; ++i)
+      out << body_of(s, i) << '\n';
+    if (!out)
+      fail("cannot write " + path);
+    files.push_back(path);
+  }
+  const long total = per_sender * senders;
+  auto before_hub = metrics_of(chain.hub().socket), before_gwa = metrics_of(chain.gwa().socket),
+       before_gwb = metrics_of(chain.gwb().socket);
+  // One control client per thread (KJ): this one polls the hub until the end.
+  auto hub = std::optional(control_client::connect(chain.hub().socket));
+  if (!*hub)
+    fail((*hub).err().message);
+  auto hub_sent = [&]() -> std::uint64_t {
+    auto m = (**hub).metrics();
+    if (!m)
+      fail("metrics of the hub: " + m.err().message);
+    return m->sent;
+  };
+  const auto base = before_hub.sent;
+  auto pids = chain.pids();
+  std::vector<long> ticks0;
+  for (auto p : pids)
+    ticks0.push_back(cpu_ticks(p));
+
+  const auto t0 = bench_clock::now();
+  std::vector<std::unique_ptr<tracked_process>> procs;
+  for (long s = 1; s <= senders; ++s) {
+    procs.push_back(std::make_unique<tracked_process>(
+      std::vector<std::string>{chain.progs().canopyctl, "--socket", chain.gwb().socket, "send", "--device",
+                               canopy_chain::device_id(s), "--content-type", "application/json", "--stdin",
+                               "--window", std::to_string(window)},
+      files[static_cast<std::size_t>(s - 1)]));
+    pids.push_back(procs.back()->get().pid());
+  }
+  std::optional<bench_clock::time_point> producers_done;
+  std::vector<long> sender_ticks(static_cast<std::size_t>(senders), 0);
+  const auto deadline = t0 + std::chrono::seconds(30 + total / 2000);
+  for (;;) {
+    check_stop();
+    if (!producers_done) {
+      bool all = true;
+      for (std::size_t i = 0; i < procs.size(); ++i) {
+        auto& p = procs[i]->get();
+        if (p.running()) {
+          sender_ticks[i] = cpu_ticks(p.pid());  // the last reading before it exits
+          all = false;
+        } else if (p.status().value_or(-1) != 0) {
+          fail("canopyctl send exited with " + std::to_string(p.status().value_or(-1)) + ":\n" +
+               procs[i]->output_tail());
+        }
+      }
+      if (all)
+        producers_done = bench_clock::now();
+    }
+    if (hub_sent() >= base + static_cast<std::uint64_t>(total))
+      break;
+    if (bench_clock::now() > deadline) {
+      chain.check_alive();
+      fail("the hub got " + std::to_string(hub_sent() - base) + " of " + std::to_string(total) + " messages");
+    }
+    std::this_thread::sleep_for(5ms);
+  }
+  const auto t1 = bench_clock::now();
+  hub.reset();
+  std::vector<long> ticks1;
+  for (std::size_t i = 0; i < 3; ++i)
+    ticks1.push_back(cpu_ticks(pids[i]));
+  for (auto& p : procs)
+    if (!p->get().wait_for(10s))
+      fail("canopyctl send did not exit after the hub had everything");
+  for (auto& p : procs) {
+    auto out = p->get().output();
+    auto oks = test::count_occurrences(out, " ok 1\n");
+    if (static_cast<long>(oks) != per_sender)
+      fail("canopyctl send acknowledged " + std::to_string(oks) + " of " + std::to_string(per_sender) + ":\n" +
+           p->output_tail());
+  }
+
+  canopy_figures f;
+  const double secs = std::chrono::duration<double>(t1 - t0).count();
+  f.seconds = secs;
+  f.msg_s = static_cast<double>(total) / secs;
+  f.producer_msg_s =
+    static_cast<double>(total) / std::chrono::duration<double>(producers_done.value_or(t1) - t0).count();
+  const double hz = static_cast<double>(::sysconf(_SC_CLK_TCK));
+  for (std::size_t i = 0; i < 3; ++i)
+    f.cpu_percent.push_back(100.0 * static_cast<double>(ticks1[i] - ticks0[i]) / hz / secs);
+  double sender_cpu = 0;
+  for (auto t : sender_ticks)
+    sender_cpu += static_cast<double>(t);
+  f.cpu_percent.push_back(100.0 * sender_cpu / hz / secs);
+  f.commits_hub = metrics_of(chain.hub().socket).commits - before_hub.commits;
+  f.commits_gwa = metrics_of(chain.gwa().socket).commits - before_gwa.commits;
+  f.commits_gwb = metrics_of(chain.gwb().socket).commits - before_gwb.commits;
+  for (long s = 1; s <= senders; ++s)
+    std::filesystem::remove(files[static_cast<std::size_t>(s - 1)]);
+  return f;
+}
+
+// --- mosquitto --------------------------------------------------------------
+
+/// Brokers A ← B ← C on loopback, each bridging telemetry/# to the next with QoS 1.
+class mosquitto_chain {
+ public:
+  explicit mosquitto_chain(long max_inflight) : dir_("cnbm") {
+    const char* bin = "/usr/sbin/mosquitto";
+    if (::access(bin, X_OK) != 0)
+      fail(std::string(bin) + " missing: apt-get install mosquitto");
+    port_a = free_port();
+    port_b = free_port();
+    port_c = free_port();
+    start("a", port_a, 0, max_inflight);
+    start("b", port_b, port_a, max_inflight);
+    start("c", port_c, port_b, max_inflight);
+    for (int p : {port_a, port_b, port_c})
+      wait_or_fail([p] { return port_accepts(p); }, 10s, "mosquitto on " + loopback(p));
+  }
+  ~mosquitto_chain() {
+    for (auto it = brokers_.rbegin(); it != brokers_.rend(); ++it)
+      (*it)->stop();
+  }
+  mosquitto_chain(const mosquitto_chain&) = delete;
+  mosquitto_chain& operator=(const mosquitto_chain&) = delete;
+
+  std::vector<pid_t> pids() {
+    std::vector<pid_t> out;
+    for (auto& b : brokers_)
+      out.push_back(b->get().pid());
+    return out;
+  }
+
+  void check_alive() {
+    for (auto& b : brokers_)
+      if (!b->get().running())
+        fail("a mosquitto broker exited:\n" + b->output_tail());
+  }
+
+  int port_a = 0, port_b = 0, port_c = 0;
+
+ private:
+  void start(const std::string& name, int port, int bridge_to, long max_inflight) {
+    std::string conf = "per_listener_settings false\n"
+                       "listener " +
+                       std::to_string(port) +
+                       " 127.0.0.1\n"
+                       "allow_anonymous true\n"
+                       "set_tcp_nodelay true\n"
+                       "persistence false\n"
+                       "max_queued_messages 0\n"
+                       "max_inflight_messages " +
+                       std::to_string(max_inflight) +
+                       "\n"
+                       "log_dest stderr\n"
+                       "log_type error\n"
+                       "log_type warning\n";
+    if (bridge_to != 0)
+      conf += "connection " + name + "-up\n"
+              "address " + loopback(bridge_to) + "\n"
+              "topic telemetry/# out 1\n"
+              "bridge_protocol_version mqttv311\n"
+              "try_private true\n"
+              "cleansession true\n"
+              "notifications false\n"
+              "start_type automatic\n"
+              "restart_timeout 1\n"
+              "keepalive_interval 60\n";
+    auto path = dir_.file(name + ".conf");
+    test::write_text_file(path, conf);
+    brokers_.push_back(std::make_unique<tracked_process>(std::vector<std::string>{"/usr/sbin/mosquitto", "-c", path}));
+  }
+
+  test::temp_dir dir_;
+  std::vector<std::unique_ptr<tracked_process>> brokers_;
+};
+
+/// A libmosquitto client with its network thread; callbacks on that thread.
+class mqtt_client {
+ public:
+  mqtt_client(const std::string& id, int port, long max_inflight) {
+    mosq_ = mosquitto_new(id.c_str(), true, this);
+    if (mosq_ == nullptr)
+      fail("mosquitto_new failed");
+    mosquitto_int_option(mosq_, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
+    mosquitto_int_option(mosq_, MOSQ_OPT_TCP_NODELAY, 1);
+    // (No mosquitto_threaded_set: loop_start() refuses a client marked threaded.)
+    mosquitto_max_inflight_messages_set(mosq_, static_cast<unsigned>(max_inflight));
+    mosquitto_connect_callback_set(mosq_, [](mosquitto*, void* self, int rc) {
+      static_cast<mqtt_client*>(self)->on_connect(rc);
+    });
+    mosquitto_subscribe_callback_set(mosq_, [](mosquitto*, void* self, int, int, const int*) {
+      static_cast<mqtt_client*>(self)->on_subscribe();
+    });
+    mosquitto_publish_callback_set(mosq_, [](mosquitto*, void* self, int) {
+      static_cast<mqtt_client*>(self)->on_publish();
+    });
+    mosquitto_message_callback_set(mosq_, [](mosquitto*, void* self, const mosquitto_message* m) {
+      static_cast<mqtt_client*>(self)->on_message(m);
+    });
+    int rc = mosquitto_connect(mosq_, "127.0.0.1", port, 60);
+    if (rc != MOSQ_ERR_SUCCESS)
+      fail("mosquitto_connect to " + loopback(port) + ": " + mosquitto_strerror(rc));
+    rc = mosquitto_loop_start(mosq_);
+    if (rc != MOSQ_ERR_SUCCESS)
+      fail(std::string("mosquitto_loop_start: ") + mosquitto_strerror(rc));
+    wait([this] { return connected_; }, 10s, "the MQTT CONNACK");
+  }
+  ~mqtt_client() {
+    mosquitto_disconnect(mosq_);
+    mosquitto_loop_stop(mosq_, true);
+    mosquitto_destroy(mosq_);
+  }
+  mqtt_client(const mqtt_client&) = delete;
+  mqtt_client& operator=(const mqtt_client&) = delete;
+
+  void subscribe(const std::string& pattern) {
+    int rc = mosquitto_subscribe(mosq_, nullptr, pattern.c_str(), 1);
+    if (rc != MOSQ_ERR_SUCCESS)
+      fail(std::string("mosquitto_subscribe: ") + mosquitto_strerror(rc));
+    wait([this] { return subscribed_; }, 10s, "the MQTT SUBACK");
+  }
+
+  /// Publishes with QoS 1, first waiting while `window` are unacknowledged.
+  void publish(const std::string& topic, const std::string& body, long window) {
+    {
+      std::unique_lock<std::mutex> lock(mtx_);
+      if (!cv_.wait_for(lock, 30s, [&] { return inflight_ < window || stop_requested; }))
+        fail("no PUBACK from broker C for 30 s");
+      ++inflight_;
+    }
+    check_stop();
+    int rc = mosquitto_publish(mosq_, nullptr, topic.c_str(), static_cast<int>(body.size()), body.data(), 1, false);
+    if (rc != MOSQ_ERR_SUCCESS)
+      fail(std::string("mosquitto_publish: ") + mosquitto_strerror(rc));
+  }
+
+  /// Messages received on `topic` so far.
+  long received(const std::string& topic) {
+    std::lock_guard<std::mutex> lock(mtx_);
+    auto it = counts_.find(topic);
+    return it == counts_.end() ? 0 : it->second;
+  }
+
+  /// Waits until `n` messages on `topic` arrived; the time the n-th did.
+  bench_clock::time_point wait_received(const std::string& topic, long n, std::chrono::milliseconds timeout) {
+    wait([&] { return counts_[topic] >= n; }, timeout,
+         std::to_string(n) + " messages on " + topic + " at broker A");
+    std::lock_guard<std::mutex> lock(mtx_);
+    return last_at_[topic];
+  }
+
+  /// Arms the clock of `topic`: last_at records when its `n`-th message arrives.
+  void expect(const std::string& topic, long n) {
+    std::lock_guard<std::mutex> lock(mtx_);
+    counts_[topic] = 0;
+    target_[topic] = n;
+  }
+
+ private:
+  template <class Pred>
+  void wait(Pred pred, std::chrono::milliseconds timeout, const std::string& what) {
+    std::unique_lock<std::mutex> lock(mtx_);
+    auto deadline = bench_clock::now() + timeout;
+    while (!pred()) {
+      if (stop_requested)
+        fail("interrupted");
+      if (cv_.wait_until(lock, std::min(deadline, bench_clock::now() + 100ms)) == std::cv_status::timeout &&
+          bench_clock::now() >= deadline)
+        fail("timed out waiting for " + what);
+    }
+  }
+
+  void on_connect(int rc) {
+    std::lock_guard<std::mutex> lock(mtx_);
+    connected_ = rc == 0;
+    cv_.notify_all();
+  }
+  void on_subscribe() {
+    std::lock_guard<std::mutex> lock(mtx_);
+    subscribed_ = true;
+    cv_.notify_all();
+  }
+  void on_publish() {
+    std::lock_guard<std::mutex> lock(mtx_);
+    --inflight_;
+    cv_.notify_all();
+  }
+  void on_message(const mosquitto_message* m) {
+    auto now = bench_clock::now();
+    std::lock_guard<std::mutex> lock(mtx_);
+    std::string topic = m->topic;
+    long c = ++counts_[topic];
+    if (auto it = target_.find(topic); it != target_.end() && c == it->second) {
+      last_at_[topic] = now;
+      cv_.notify_all();
+    } else if (c == 1) {
+      cv_.notify_all();
+    }
+  }
+
+  mosquitto* mosq_ = nullptr;
+  std::mutex mtx_;
+  std::condition_variable cv_;
+  bool connected_ = false;
+  bool subscribed_ = false;
+  long inflight_ = 0;
+  std::map<std::string, long> counts_;
+  std::map<std::string, long> target_;
+  std::map<std::string, bench_clock::time_point> last_at_;
+};
+
+struct mosquitto_figures {
+  double msg_s = 0;
+  double seconds = 0;
+  std::vector<double> cpu_percent;  ///< brokers A, B, C, then this process (both clients)
+};
+
+mosquitto_figures run_mosquitto(mosquitto_chain& chain, mqtt_client& pub, mqtt_client& sub, long n, long window,
+                                long round) {
+  std::vector<std::string> bodies;
+  bodies.reserve(static_cast<std::size_t>(n));
+  for (long i = 0; i < n; ++i)
+    bodies.push_back(body_of(1, i));
+  const std::string topic = "telemetry/dev-1/r" + std::to_string(round);
+  sub.expect(topic, n);
+  auto pids = chain.pids();
+  pids.push_back(::getpid());
+  std::vector<long> ticks0;
+  for (auto p : pids)
+    ticks0.push_back(cpu_ticks(p));
+
+  const auto t0 = bench_clock::now();
+  for (const auto& b : bodies)
+    pub.publish(topic, b, window);
+  const auto t1 = sub.wait_received(topic, n, std::chrono::seconds(30 + n / 2000));
+  std::vector<long> ticks1;
+  for (auto p : pids)
+    ticks1.push_back(cpu_ticks(p));
+  chain.check_alive();
+
+  mosquitto_figures f;
+  f.seconds = std::chrono::duration<double>(t1 - t0).count();
+  f.msg_s = static_cast<double>(n) / f.seconds;
+  const double hz = static_cast<double>(::sysconf(_SC_CLK_TCK));
+  for (std::size_t i = 0; i < pids.size(); ++i)
+    f.cpu_percent.push_back(100.0 * static_cast<double>(ticks1[i] - ticks0[i]) / hz / f.seconds);
+  // Anything more than n (a duplicate after a retry) would show here.
+  if (sub.received(topic) != n)
+    fail("the subscriber got " + std::to_string(sub.received(topic)) + " messages, expected " + std::to_string(n));
+  return f;
+}
+
+int run(int argc, char** argv) {
+  const long messages = bench::arg(argc, argv, "messages", 20000);
+  const long window = bench::arg(argc, argv, "window", 1024);
+  const long senders = bench::arg(argc, argv, "senders", 1);
+  const long mqtt_inflight = bench::arg(argc, argv, "mqtt-inflight", 100);
+  const long rounds = bench::arg(argc, argv, "rounds", 2);
+  if (messages < senders || senders < 1 || window < 1 || rounds < 1 || mqtt_inflight < 0)
+    fail("bad arguments: --messages >= --senders >= 1, --window >= 1, --rounds >= 1, --mqtt-inflight >= 0");
+  const long per_sender = messages / senders;
+  const long total = per_sender * senders;
+  auto progs = programs::find();
+
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::sigaction(SIGTERM, &sa, nullptr);
+
+  std::printf("bench-chain: %ld messages of %zu bytes per round, best of %ld rounds, window %ld, %ld sender(s)\n",
+              total, body_size, rounds, window, senders);
+
+  // mosquitto first: its brokers are gone before the canopy nodes start.
+  mosquitto_figures best_mq;
+  {
+    mosquitto_lib_init();
+    mosquitto_chain mq(mqtt_inflight);
+    {
+      mqtt_client sub("bench-sub", mq.port_a, mqtt_inflight);
+      sub.subscribe("telemetry/#");
+      mqtt_client pub("bench-pub", mq.port_c, window);
+      // The bridges connect on their own: publish until one message gets through.
+      wait_or_fail([&] {
+        pub.publish("telemetry/warmup", "warm-up", window);
+        return sub.received("telemetry/warmup") > 0;
+      }, 20s, "the mosquitto bridges C -> B -> A", 100ms);
+      for (long r = 1; r <= rounds; ++r) {
+        auto f = run_mosquitto(mq, pub, sub, total, window, r);
+        std::printf("mosquitto round %ld: %.0f msg/s (%.2f s); CPU %% of a core: A %.0f, B %.0f, C %.0f, "
+                    "clients %.0f\n",
+                    r, f.msg_s, f.seconds, f.cpu_percent[0], f.cpu_percent[1], f.cpu_percent[2],
+                    f.cpu_percent[3]);
+        if (f.msg_s > best_mq.msg_s)
+          best_mq = f;
+      }
+    }
+    mosquitto_lib_cleanup();
+  }
+
+  canopy_figures best_cn;
+  {
+    canopy_chain chain(progs, senders);
+    std::printf("canopy: hub <- gw-a <- gw-b up (TLS links)\n");
+    for (long r = 1; r <= rounds; ++r) {
+      auto f = run_canopy(chain, per_sender, senders, window, r);
+      std::printf("canopy round %ld: %.0f msg/s (%.2f s; senders done at %.0f msg/s); CPU %% of a core: hub %.0f, "
+                  "gw-a %.0f, gw-b %.0f, canopyctl send %.0f; commits hub %llu, gw-a %llu, gw-b %llu\n",
+                  r, f.msg_s, f.seconds, f.producer_msg_s, f.cpu_percent[0], f.cpu_percent[1], f.cpu_percent[2],
+                  f.cpu_percent[3], static_cast<unsigned long long>(f.commits_hub),
+                  static_cast<unsigned long long>(f.commits_gwa), static_cast<unsigned long long>(f.commits_gwb));
+      if (f.msg_s > best_cn.msg_s)
+        best_cn = f;
+    }
+  }
+
+  std::printf("canopy is durable at every hop (SQLite WAL, synchronous=FULL) over TLS; the mosquitto chain keeps "
+              "messages in memory only (persistence off) over plain TCP\n");
+  std::printf("RESULT bench-chain canopy_msg_s=%.0f mosquitto_msg_s=%.0f ratio=%.2f messages=%ld hops=3 "
+              "window=%ld senders=%ld producer_msg_s=%.0f\n",
+              best_cn.msg_s, best_mq.msg_s, best_cn.msg_s / best_mq.msg_s, total, window, senders,
+              best_cn.producer_msg_s);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%.*s: %s\n", static_cast<int>(bench_name.size()), bench_name.data(), e.what());
+    return 1;
+  }
+}
