@@ -1,6 +1,9 @@
 #include "actors/fleet.hpp"
 
-#include "runtime/agent.hpp"  // method_reply as a message type
+#include "actors/reply_guard.hpp"
+#include "runtime/agent.hpp"  // method_reply, agent_memory
+#include "runtime/manifest.hpp"
+#include "runtime/send_later.hpp"
 #include "runtime/atoms.hpp"
 #include "runtime/registry.hpp"
 #include "runtime/router.hpp"
@@ -17,38 +20,6 @@ namespace canopy {
 
 namespace {
 
-/// A reply that is given exactly once: by the actor that handles the call, or
-/// — if that actor dies with the call in its mailbox or state — by the guard's
-/// destructor, with errc::unavailable. Shared by messages; called by one
-/// thread at a time.
-template <class T>
-class reply_guard {
- public:
-  explicit reply_guard(reply_fn<T> fn) : fn_(std::move(fn)) {}
-  ~reply_guard() {
-    if (fn_)
-      fn_(make_error(errc::unavailable, "the node's fleet service restarted; try again"));
-  }
-  reply_guard(const reply_guard&) = delete;
-  reply_guard& operator=(const reply_guard&) = delete;
-
-  void operator()(expected<T> r) {
-    if (auto f = std::exchange(fn_, nullptr))
-      f(std::move(r));
-  }
-
- private:
-  reply_fn<T> fn_;
-};
-
-template <class T>
-using reply_ptr = std::shared_ptr<reply_guard<T>>;
-
-template <class T>
-reply_ptr<T> guard(reply_fn<T> fn) {
-  return std::make_shared<reply_guard<T>>(std::move(fn));
-}
-
 using scope_set = std::shared_ptr<const std::unordered_set<std::string>>;
 using channel_ptr = std::shared_ptr<child_channel>;
 using envelopes = std::vector<link_envelope>;
@@ -60,14 +31,12 @@ using fleet_task = std::function<void(caf::local_actor*)>;
 }  // namespace
 }  // namespace canopy
 
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::reply_ptr<void>)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::reply_ptr<std::uint32_t>)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::reply_ptr<canopy::method_reply>)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::scope_set)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::channel_ptr)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::envelopes)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::device_records)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::twin_updates)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::fleet_task)
 
 namespace canopy {
@@ -175,9 +144,22 @@ struct connected_child {
   caf::actor link;
 };
 
+using twin_key = std::pair<std::string, std::string>;  ///< (device, module)
+
 struct fleet_state {
   fleet_config cfg;
   std::map<std::string, connected_child> children;
+  // Reported properties on their way up (not on the hub).
+  bool uplink = false;
+  bool report_inflight = false;
+  std::map<twin_key, twin_update> up_pending;
+  std::map<std::string, std::string> own_last;  ///< module -> our last reported document (text)
+  std::int64_t last_version = 0;
+  // The deployment this node applied (from its $edgeAgent desired twin).
+  std::string applied_id;
+  std::string applied_status;  ///< "" | applying | succeeded | failed
+  std::string applied_detail;
+  std::int64_t applied_version = 0;
 
   static inline const char* name = "fleet";
 };
@@ -259,6 +241,220 @@ void rescope_children(fleet_actor* self) {
   }
 }
 
+/// A version for our own reported documents: increasing, and newer than any
+/// we sent before a restart (wall-clock based).
+std::int64_t next_version(fleet_actor* self) {
+  auto& st = self->state;
+  st.last_version = std::max(st.last_version + 1, st.cfg.clk->wall_ms());
+  return st.last_version;
+}
+
+/// Is `device` the child or below it?
+bool in_scope(fleet_actor* self, const std::string& child, const std::string& device) {
+  auto r = self->state.cfg.registry->in_subtree(child, device);
+  return r && *r;
+}
+
+/// This node's `$edgeAgent` reported properties, and each module's own.
+std::vector<std::pair<std::string, nlohmann::json>> own_reported(fleet_actor* self) {
+  auto& st = self->state;
+  std::vector<std::pair<std::string, nlohmann::json>> out;
+  nlohmann::json modules = nlohmann::json::object();
+  if (st.cfg.memory) {
+    std::lock_guard<std::mutex> guard{st.cfg.memory->mtx};
+    for (auto& [name, row] : st.cfg.memory->rows)
+      modules[name] = {{"type", row.type},
+                       {"version", row.version},
+                       {"runtimeStatus", row.status},
+                       {"status", row.desired_status},
+                       {"restartPolicy", row.restart_policy},
+                       {"restartCount", row.restart_count},
+                       {"lastStartTimeUtcMs", row.last_start_ms},
+                       {"lastExitTimeUtcMs", row.last_exit_ms},
+                       {"exitReason", row.last_exit_reason}};
+    for (auto& [name, doc] : st.cfg.memory->reported)
+      if (doc.is_object() && st.cfg.memory->rows.count(name) != 0)
+        out.emplace_back(name, doc);
+  }
+  nlohmann::json children = nlohmann::json::object();
+  {
+    std::lock_guard<std::mutex> guard{st.cfg.board->mtx};
+    for (auto& [id, l] : st.cfg.board->children)
+      children[id] = {{"connected", l.up}, {"lastChangeMs", l.last_change_ms}};
+  }
+  const bool failed = st.applied_status == "failed";
+  nlohmann::json agent = {
+    {"schemaVersion", "1.1"},
+    {"deployment", {{"id", st.applied_id}, {"status", st.applied_status}, {"detail", st.applied_detail}}},
+    {"lastDesiredVersion", st.applied_version},
+    {"lastDesiredStatus", {{"code", failed ? 400 : 200}, {"description", st.applied_detail}}},
+    {"modules", std::move(modules)},
+    {"children", std::move(children)}};
+  out.emplace_back("$edgeAgent", std::move(agent));
+  return out;
+}
+
+/// Sends queued reported properties to the parent (one call at a time).
+void flush_up(fleet_actor* self) {
+  auto& st = self->state;
+  if (st.cfg.hub || !st.uplink || st.report_inflight || st.up_pending.empty())
+    return;
+  auto link = st.cfg.parent_link ? st.cfg.parent_link() : caf::actor{};
+  if (!link)
+    return;
+  twin_updates batch;
+  for (auto& [key, u] : st.up_pending) {
+    batch.push_back(u);
+    if (batch.size() >= 256)
+      break;
+  }
+  st.report_inflight = true;
+  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
+  auto sent = std::make_shared<twin_updates>(batch);
+  self->send(link, atoms::reported::value, std::move(batch), guard<void>([weak, sent](expected<void> r) {
+               auto a = caf::actor_cast<caf::actor>(weak.lock());
+               if (!a)
+                 return;
+               caf::anon_send(a, fleet_task{[sent, ok = r.ok(), why = r ? std::string{} : r.err().message](
+                                              caf::local_actor* p) {
+                 auto* self = static_cast<fleet_actor*>(p);
+                 auto& st = self->state;
+                 st.report_inflight = false;
+                 if (!ok) {
+                   spdlog::debug("fleet: reported properties not sent up yet: {}", why);
+                   return;
+                 }
+                 for (auto& u : *sent) {
+                   auto it = st.up_pending.find({u.device, u.module});
+                   if (it != st.up_pending.end() && it->second.version == u.version)
+                     st.up_pending.erase(it);
+                 }
+                 flush_up(self);
+               }});
+             }));
+}
+
+/// Compares our own reported state with what we reported last; stores and
+/// queues what changed.
+void report_own(fleet_actor* self) {
+  auto& st = self->state;
+  for (auto& [module, doc] : own_reported(self)) {
+    auto text = doc.dump();
+    auto& last = st.own_last[module];
+    if (last == text)
+      continue;
+    last = text;
+    const auto version = next_version(self);
+    if (auto r = st.cfg.registry->set_reported_full(st.cfg.node_id, module, doc, version); !r)
+      spdlog::warn("fleet: cannot keep the reported properties of '{}': {}", module, r.err().message);
+    if (!st.cfg.hub)
+      st.up_pending[{st.cfg.node_id, module}] = twin_update{st.cfg.node_id, module, std::move(text), version, true};
+  }
+}
+
+/// The link to our parent came up: everything we know goes up again (what
+/// changed while offline included).
+void resync_up(fleet_actor* self) {
+  auto& st = self->state;
+  st.own_last.clear();
+  report_own(self);
+  auto below = st.cfg.registry->subtree(st.cfg.node_id);
+  if (below)
+    for (auto& d : *below)
+      if (auto twins = st.cfg.registry->list_twins(d.id))
+        for (auto& t : *twins)
+          if (t.reported_version > 0)
+            st.up_pending[{t.device, t.module}] = twin_update{t.device, t.module, t.reported.dump(), t.reported_version, true};
+  flush_up(self);
+}
+
+/// The hub keeps what a gateway reports about its deployment.
+void record_deployment_status(fleet_actor* self, const std::string& device, const nlohmann::json& agent) {
+  auto& st = self->state;
+  auto dep = agent.value("deployment", nlohmann::json::object());
+  if (!dep.is_object())
+    return;
+  auto id = dep.value("id", std::string{});
+  auto status = dep.value("status", std::string{});
+  if (id.empty() || (status != "succeeded" && status != "failed"))
+    return;
+  if (!st.cfg.registry->get_deployment(id))
+    return;  // deleted meanwhile
+  deployment_status s;
+  s.deployment = id;
+  s.device = device;
+  s.status = status;
+  s.detail = dep.value("detail", std::string{});
+  if (auto r = st.cfg.registry->set_status(s); !r)
+    spdlog::warn("fleet: cannot record the status of deployment '{}' on '{}': {}", id, device, r.err().message);
+}
+
+/// Applies desired properties addressed to this node.
+void apply_desired(fleet_actor* self, const std::string& module, const nlohmann::json& doc, std::int64_t version) {
+  auto& st = self->state;
+  if (module == "$edgeAgent") {
+    auto dep = doc.value("deployment", nlohmann::json{});
+    if (!dep.is_object() || !dep.contains("content"))
+      return;
+    auto id = dep.value("id", std::string{});
+    if (id == st.applied_id && (st.applied_status == "succeeded" || st.applied_status == "applying")) {
+      st.applied_version = version;
+      return;
+    }
+    st.applied_id = id;
+    st.applied_status = "applying";
+    st.applied_detail.clear();
+    st.applied_version = version;
+    spdlog::info("fleet: applying deployment '{}' (desired version {})", id, version);
+    auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
+    st.cfg.deploy(dep["content"].dump(), [weak, id](expected<void> r) {
+      auto a = caf::actor_cast<caf::actor>(weak.lock());
+      if (!a)
+        return;
+      caf::anon_send(a, fleet_task{[id, ok = r.ok(), why = r ? std::string{} : r.err().message](caf::local_actor* p) {
+                       auto* self = static_cast<fleet_actor*>(p);
+                       auto& st = self->state;
+                       if (st.applied_id != id)
+                         return;  // a newer one came meanwhile
+                       st.applied_status = ok ? "succeeded" : "failed";
+                       st.applied_detail = why;
+                       if (ok)
+                         spdlog::info("fleet: deployment '{}' applied", id);
+                       else
+                         spdlog::error("fleet: deployment '{}' failed: {}", id, why);
+                       report_own(self);
+                       flush_up(self);
+                     }});
+    });
+    return;
+  }
+  if (module.empty())
+    return;  // the node's own device twin: kept in the registry
+  st.cfg.module_desired(module, doc, [module](expected<void> r) {
+    if (!r)
+      spdlog::warn("fleet: desired properties of module '{}' not applied: {}", module, r.err().message);
+  });
+}
+
+/// Every desired twin of `child`'s subtree, for a child that (re)connected.
+twin_updates desired_of_subtree(fleet_actor* self, const std::string& child) {
+  auto& st = self->state;
+  twin_updates out;
+  std::vector<std::string> ids{child};
+  if (auto below = st.cfg.registry->subtree(child))
+    for (auto& d : *below)
+      ids.push_back(d.id);
+  for (auto& id : ids)
+    if (auto twins = st.cfg.registry->list_twins(id))
+      for (auto& t : *twins)
+        if (t.desired_version > 0)
+          out.push_back(twin_update{t.device, t.module, t.desired.dump(), t.desired_version, true});
+  return out;
+}
+
+/// Hub: gives every gateway the deployment that now matches it best.
+void reassign(fleet_actor* self);
+
 /// Sends a desired-properties update one hop down towards its device.
 void send_down(fleet_actor* self, twin_update u) {
   auto& st = self->state;
@@ -273,6 +469,45 @@ void send_down(fleet_actor* self, twin_update u) {
     if (!r)
       spdlog::warn("fleet: desired properties for '{}' were not taken: {}", device, r.err().message);
   });
+}
+
+void reassign(fleet_actor* self) {
+  auto& st = self->state;
+  if (!st.cfg.hub)
+    return;
+  auto assigned = st.cfg.registry->assignments();
+  if (!assigned) {
+    spdlog::error("fleet: cannot compute deployment assignments: {}", assigned.err().message);
+    return;
+  }
+  for (auto& [gw, dep_id] : *assigned) {
+    auto twin = st.cfg.registry->get_twin(gw, "$edgeAgent");
+    if (!twin)
+      continue;
+    auto current = twin->desired.value("deployment", nlohmann::json::object());
+    if (current.is_object() && current.value("id", std::string{}) == dep_id)
+      continue;
+    auto dep = st.cfg.registry->get_deployment(dep_id);
+    if (!dep)
+      continue;
+    auto content = nlohmann::json::parse(dep->manifest_json, nullptr, false);
+    if (content.is_discarded())
+      continue;
+    nlohmann::json desired = twin->desired;
+    desired["deployment"] = {{"id", dep_id}, {"content", std::move(content)}};
+    auto t = st.cfg.registry->set_desired(gw, "$edgeAgent", desired);
+    if (!t) {
+      spdlog::error("fleet: cannot assign deployment '{}' to '{}': {}", dep_id, gw, t.err().message);
+      continue;
+    }
+    deployment_status s;
+    s.deployment = dep_id;
+    s.device = gw;
+    s.status = "applied";
+    (void)st.cfg.registry->set_status(s);
+    spdlog::info("fleet: deployment '{}' assigned to '{}'", dep_id, gw);
+    send_down(self, twin_update{gw, "$edgeAgent", desired.dump(), t->desired_version, true});
+  }
 }
 
 expected<void> hub_only(fleet_actor* self, const char* what) {
@@ -304,6 +539,29 @@ caf::behavior fleet_impl(fleet_actor* self, fleet_config cfg) {
     for (auto& [id, c] : self->state.children)
       c.channel->close("the parent's fleet service stopped");
   });
+  {
+    // Continue from what this node reported last (its applied deployment),
+    // and catch up with a desired deployment that came while it was down.
+    auto& st = self->state;
+    if (auto own = st.cfg.registry->get_twin(st.cfg.node_id, "$edgeAgent")) {
+      auto dep = own->reported.value("deployment", nlohmann::json::object());
+      if (dep.is_object()) {
+        st.applied_id = dep.value("id", std::string{});
+        st.applied_status = dep.value("status", std::string{});
+        st.applied_detail = dep.value("detail", std::string{});
+        if (st.applied_status == "applying")
+          st.applied_status.clear();
+      }
+      st.applied_version = own->reported.value("lastDesiredVersion", std::int64_t{0});
+      st.last_version = own->reported_version;
+      if (!st.cfg.hub && own->desired_version > 0)
+        apply_desired(self, "$edgeAgent", own->desired, own->desired_version);
+    }
+    st.uplink = st.cfg.uplink_up && st.cfg.uplink_up();
+    if (st.uplink)
+      resync_up(self);
+    self->send(self, atoms::tick::value);
+  }
   return {
     [self](fleet_task& task) { task(self); },
     [self](atoms::connect, const std::string& child, reply_ptr<void>& done) {
@@ -330,6 +588,11 @@ caf::behavior fleet_impl(fleet_actor* self, fleet_config cfg) {
       (void)st.cfg.registry->touch_last_seen(child, st.cfg.clk->wall_ms());
       spdlog::info("fleet: child '{}' connected", child);
       push_scope(self, child, c);
+      if (auto desired = desired_of_subtree(self, child); !desired.empty())
+        c.channel->desired(std::move(desired), [child](expected<void> r) {
+          if (!r)
+            spdlog::warn("fleet: '{}' did not take its desired properties: {}", child, r.err().message);
+        });
     },
     [self](atoms::link_down, const std::string& child, std::uint64_t channel_id, const std::string& reason) {
       auto& st = self->state;
@@ -352,9 +615,41 @@ caf::behavior fleet_impl(fleet_actor* self, fleet_config cfg) {
       }
       self->send(it->second.link, atoms::route_msg::value, std::move(batch), std::move(done));
     },
-    [self](atoms::reported, const std::string& child, twin_updates&, reply_ptr<void>& done) {
-      // TODO(issue 4): reported properties (twins and module statuses) travel up.
-      (*done)(make_error(errc::unavailable, "reported properties from '" + child + "' are not relayed yet"));
+    [self](atoms::reported, const std::string& child, twin_updates& updates, reply_ptr<void>& done) {
+      auto& st = self->state;
+      std::vector<nlohmann::json> docs;
+      for (auto& u : updates) {
+        if (!in_scope(self, child, u.device)) {
+          spdlog::warn("link: child '{}' reported for '{}', which is outside its subtree; refused", child, u.device);
+          (*done)(make_error(errc::invalid_argument,
+                             "report: '" + u.device + "' is outside the subtree of '" + child + "'"));
+          return;
+        }
+        auto doc = nlohmann::json::parse(u.json, nullptr, false);
+        if (!doc.is_object() || !u.full) {
+          (*done)(make_error(errc::invalid_argument, "report: the reported properties of '" + u.device + "/" +
+                                                       u.module + "' are not a whole JSON object"));
+          return;
+        }
+        docs.push_back(std::move(doc));
+      }
+      for (std::size_t i = 0; i < updates.size(); ++i) {
+        auto& u = updates[i];
+        auto r = st.cfg.registry->set_reported_full(u.device, u.module, docs[i], u.version);
+        if (!r) {
+          (*done)(std::move(r).err());
+          return;
+        }
+        (void)st.cfg.registry->touch_last_seen(u.device, st.cfg.clk->wall_ms());
+        if (st.cfg.hub) {
+          if (u.module == "$edgeAgent")
+            record_deployment_status(self, u.device, docs[i]);
+        } else {
+          st.up_pending[{u.device, u.module}] = std::move(u);
+        }
+      }
+      (*done)(expected<void>{});
+      flush_up(self);
     },
     [self](atoms::put, device_records& entries, reply_ptr<void>& done) {
       auto& st = self->state;
@@ -371,9 +666,49 @@ caf::behavior fleet_impl(fleet_actor* self, fleet_config cfg) {
       rescope_children(self);
       (*done)(expected<void>{});
     },
-    [self](atoms::desired, twin_updates&, reply_ptr<void>& done) {
-      // TODO(issue 4): desired properties and deployments from the parent.
-      (*done)(make_error(errc::unavailable, "desired properties from the parent are not applied yet"));
+    [self](atoms::desired, twin_updates& updates, reply_ptr<void>& done) {
+      auto& st = self->state;
+      std::vector<nlohmann::json> docs;
+      for (auto& u : updates) {
+        if (u.device != st.cfg.node_id && !in_scope(self, st.cfg.node_id, u.device)) {
+          (*done)(make_error(errc::not_found, "desired: '" + u.device + "' is not in the subtree of '" +
+                                                st.cfg.node_id + "'"));
+          return;
+        }
+        auto doc = nlohmann::json::parse(u.json, nullptr, false);
+        if (!doc.is_object() || !u.full) {
+          (*done)(make_error(errc::invalid_argument, "desired: the properties of '" + u.device + "/" + u.module +
+                                                       "' are not a whole JSON object"));
+          return;
+        }
+        docs.push_back(std::move(doc));
+      }
+      for (std::size_t i = 0; i < updates.size(); ++i) {
+        auto& u = updates[i];
+        auto r = st.cfg.registry->set_desired_full(u.device, u.module, docs[i], u.version);
+        if (!r) {
+          (*done)(std::move(r).err());
+          return;
+        }
+        if (u.device == st.cfg.node_id)
+          apply_desired(self, u.module, docs[i], r->desired_version);
+        else
+          send_down(self, std::move(u));
+      }
+      (*done)(expected<void>{});
+    },
+    [self](atoms::uplink, bool up) {
+      auto& st = self->state;
+      st.uplink = up;
+      st.report_inflight = false;
+      if (up)
+        resync_up(self);
+    },
+    [self](atoms::tick) {
+      auto& st = self->state;
+      report_own(self);
+      flush_up(self);
+      send_later(self, *st.cfg.clk, st.cfg.report_interval, atoms::tick::value);
     },
     [self](atoms::invoke, const std::string& device, const std::string& module, const std::string& method,
            const std::string& payload, std::uint32_t timeout_ms, reply_ptr<method_reply>& done) {
@@ -514,6 +849,7 @@ void fleet_bridge::device_create(device_record rec, reply_fn<device_record> done
     if (r) {
       spdlog::info("fleet: registered {} '{}' under '{}'", r->kind, r->id, r->parent);
       rescope_children(self);
+      reassign(self);
     }
     (*g)(std::move(r));
   });
@@ -548,26 +884,106 @@ void fleet_bridge::device_set_tags(std::string id, nlohmann::json tags, reply_fn
     if (auto ok = hub_only(self, "device tags"); !ok)
       return (*g)(std::move(ok).err());
     auto r = self->state.cfg.registry->set_tags(id, tags);
-    if (r)
+    if (r) {
       rescope_children(self);
+      reassign(self);
+    }
     (*g)(std::move(r));
   });
 }
 
-void fleet_bridge::deployment_create(deployment_record, reply_fn<deployment_record> done) {
-  done(make_error(errc::unavailable, "deployments: not available on this node yet"));
+namespace {
+
+/// A deployment with where it stands (hub).
+expected<deployment_summary> summarize(fleet_actor* self, deployment_record d,
+                                       const std::map<std::string, std::string>& assigned) {
+  auto& reg = *self->state.cfg.registry;
+  deployment_summary out;
+  for (auto& [gw, id] : assigned)
+    if (id == d.id)
+      out.targeted.push_back(gw);
+  auto statuses = reg.statuses_of(d.id);
+  if (!statuses)
+    return std::move(statuses).err();
+  for (auto& s : *statuses) {
+    if (s.status == "succeeded")
+      out.succeeded.push_back(s.device);
+    else if (s.status == "failed")
+      out.failed.push_back(s.device);
+    else
+      out.applied.push_back(s.device);
+  }
+  out.statuses = std::move(*statuses);
+  out.deployment = std::move(d);
+  return out;
+}
+
+}  // namespace
+
+void fleet_bridge::deployment_create(deployment_record rec, reply_fn<deployment_record> done) {
+  run_task(*impl_, std::move(done), [rec = std::move(rec)](fleet_actor* self, auto& g) {
+    if (auto ok = hub_only(self, "deployment create"); !ok)
+      return (*g)(std::move(ok).err());
+    // The manifest is checked here as far as it can be without the target's
+    // files: structure, modules, routes. Each gateway resolves its libraries.
+    manifest_options mo;
+    mo.resolve_library = [](std::string_view lib, const std::string& dir) { return resolve_library_path(lib, dir); };
+    if (auto dep = parse_manifest(rec.manifest_json, mo); !dep)
+      return (*g)(make_error(dep.err().code, "content: " + dep.err().message));
+    auto r = self->state.cfg.registry->create_deployment(rec);
+    if (r) {
+      spdlog::info("fleet: deployment '{}' created (target {}, priority {})", r->id, r->target_condition,
+                   r->priority);
+      reassign(self);
+    }
+    (*g)(std::move(r));
+  });
 }
 
 void fleet_bridge::deployment_list(reply_fn<std::vector<deployment_summary>> done) {
-  done(make_error(errc::unavailable, "deployments: not available on this node yet"));
+  run_task(*impl_, std::move(done), [](fleet_actor* self, auto& g) {
+    auto& reg = *self->state.cfg.registry;
+    auto deps = reg.list_deployments();
+    if (!deps)
+      return (*g)(std::move(deps).err());
+    auto assigned = reg.assignments();
+    if (!assigned)
+      return (*g)(std::move(assigned).err());
+    std::vector<deployment_summary> out;
+    for (auto& d : *deps) {
+      auto s = summarize(self, std::move(d), *assigned);
+      if (!s)
+        return (*g)(std::move(s).err());
+      out.push_back(std::move(*s));
+    }
+    (*g)(std::move(out));
+  });
 }
 
-void fleet_bridge::deployment_get(std::string, reply_fn<deployment_summary> done) {
-  done(make_error(errc::unavailable, "deployments: not available on this node yet"));
+void fleet_bridge::deployment_get(std::string id, reply_fn<deployment_summary> done) {
+  run_task(*impl_, std::move(done), [id = std::move(id)](fleet_actor* self, auto& g) {
+    auto& reg = *self->state.cfg.registry;
+    auto d = reg.get_deployment(id);
+    if (!d)
+      return (*g)(std::move(d).err());
+    auto assigned = reg.assignments();
+    if (!assigned)
+      return (*g)(std::move(assigned).err());
+    (*g)(summarize(self, std::move(*d), *assigned));
+  });
 }
 
-void fleet_bridge::deployment_delete(std::string, reply_fn<void> done) {
-  done(make_error(errc::unavailable, "deployments: not available on this node yet"));
+void fleet_bridge::deployment_delete(std::string id, reply_fn<void> done) {
+  run_task(*impl_, std::move(done), [id = std::move(id)](fleet_actor* self, auto& g) {
+    if (auto ok = hub_only(self, "deployment delete"); !ok)
+      return (*g)(std::move(ok).err());
+    auto r = self->state.cfg.registry->delete_deployment(id);
+    if (r) {
+      spdlog::info("fleet: deployment '{}' deleted", id);
+      reassign(self);
+    }
+    (*g)(std::move(r));
+  });
 }
 
 void fleet_bridge::twin_get(std::string device, std::string module, reply_fn<twin_record> done) {
@@ -584,32 +1000,97 @@ void fleet_bridge::twin_patch(std::string device, std::string module, nlohmann::
              if (auto ok = hub_only(self, "twin patch"); !ok)
                return (*g)(std::move(ok).err());
              auto r = self->state.cfg.registry->patch_desired(device, module, patch);
-             if (r) {
-               twin_update u;
-               u.device = device;
-               u.module = module;
-               u.json = patch.dump();
-               u.version = r->desired_version;
-               send_down(self, std::move(u));
-             }
+             if (r)
+               send_down(self, twin_update{device, module, r->desired.dump(), r->desired_version, true});
              (*g)(std::move(r));
            });
 }
 
+namespace {
+
+/// The modules a node reported in its `$edgeAgent` twin.
+std::vector<module_row> reported_modules(const nlohmann::json& agent) {
+  std::vector<module_row> out;
+  auto modules = agent.value("modules", nlohmann::json::object());
+  if (!modules.is_object())
+    return out;
+  for (auto& [name, m] : modules.items()) {
+    if (!m.is_object())
+      continue;
+    module_row r;
+    r.name = name;
+    r.type = m.value("type", std::string{});
+    r.version = m.value("version", std::string{});
+    r.status = m.value("runtimeStatus", std::string{});
+    r.desired_status = m.value("status", std::string{});
+    r.restart_policy = m.value("restartPolicy", std::string{});
+    r.restart_count = m.value("restartCount", 0);
+    r.last_start_ms = m.value("lastStartTimeUtcMs", std::int64_t{0});
+    r.last_exit_ms = m.value("lastExitTimeUtcMs", std::int64_t{0});
+    r.last_exit_reason = m.value("exitReason", std::string{});
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+}  // namespace
+
 void fleet_bridge::status(reply_fn<std::vector<fleet_node>> done) {
   run_task(*impl_, std::move(done), [](fleet_actor* self, auto& g) {
     auto& st = self->state;
-    auto devices = st.cfg.registry->list_devices();
+    auto& reg = *st.cfg.registry;
+    auto devices = reg.list_devices();
     if (!devices)
       return (*g)(std::move(devices).err());
+    report_own(self);  // the hub's own modules as of now
+    auto assigned = reg.assignments();
+    std::map<std::string, nlohmann::json> agents;  // $edgeAgent reported, by node
+    auto agent_of = [&](const std::string& id) -> const nlohmann::json& {
+      auto it = agents.find(id);
+      if (it == agents.end()) {
+        auto t = reg.get_twin(id, "$edgeAgent");
+        it = agents.emplace(id, t ? t->reported : nlohmann::json::object()).first;
+      }
+      return it->second;
+    };
     std::vector<fleet_node> out;
-    std::lock_guard<std::mutex> lock{st.cfg.board->mtx};
+    fleet_node root;
+    root.device.id = st.cfg.node_id;
+    root.device.kind = st.cfg.hub ? "hub" : "gateway";
+    root.connected = true;
+    root.last_seen_ms = st.cfg.clk->wall_ms();
+    root.modules = reported_modules(agent_of(st.cfg.node_id));
+    out.push_back(std::move(root));
+    std::map<std::string, bool> direct;
+    {
+      std::lock_guard<std::mutex> lock{st.cfg.board->mtx};
+      for (auto& [id, l] : st.cfg.board->children)
+        direct[id] = l.up;
+    }
     for (auto& d : *devices) {
       fleet_node n;
       n.device = d;
       n.last_seen_ms = d.last_seen_ms;
-      if (auto it = st.cfg.board->children.find(d.id); it != st.cfg.board->children.end())
-        n.connected = it->second.up;
+      if (auto it = direct.find(d.id); it != direct.end()) {
+        n.connected = it->second;
+      } else {
+        // Deeper down: as its parent reported its link.
+        auto children = agent_of(d.parent).value("children", nlohmann::json::object());
+        if (children.is_object() && children.contains(d.id) && children[d.id].is_object())
+          n.connected = children[d.id].value("connected", false);
+      }
+      if (d.kind == "gateway") {
+        const auto& agent = agent_of(d.id);
+        n.modules = reported_modules(agent);
+        if (assigned)
+          if (auto it = assigned->find(d.id); it != assigned->end())
+            n.deployment = it->second;
+        auto dep = agent.value("deployment", nlohmann::json::object());
+        if (dep.is_object() && !n.deployment.empty() && dep.value("id", std::string{}) == n.deployment)
+          n.deployment_status = dep.value("status", std::string{});
+        else if (!n.deployment.empty())
+          n.deployment_status = "applied";
+      }
       out.push_back(std::move(n));
     }
     (*g)(std::move(out));

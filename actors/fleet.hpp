@@ -10,6 +10,22 @@
 // to the child's link actor. A reply is always given: if the actor that holds
 // it dies, the bridge's reply guard answers with errc::unavailable.
 //
+// Twins travel as whole documents with versions. Desired properties flow down:
+// on the hub an operator's patch or a deployment assignment (a gateway's
+// `$edgeAgent` desired {"deployment": {"id", "content"}}) goes one hop down at
+// once, and a child that connects gets every desired twin of its subtree; a
+// gateway keeps them in its registry, applies its own and passes the rest on.
+// Reported properties flow up: every `report_interval` a node compares its own
+// state (its `$edgeAgent` reported: deployment status as Azure's
+// lastDesiredStatus, per-module runtime status, restart count, start/exit
+// times, exit reason, and its children's links; and each module's reported
+// properties) with what it sent and queues what changed; children's reports
+// are stored and queued too; the queue drains while the parent link is up and
+// everything is sent again when it comes back (offline changes included).
+//
+// Messages besides the bridge's: (uplink, bool up) from the parent link,
+// (tick) from the clock.
+//
 // A child link actor checks every message a child uploads against the child's
 // subtree (the child and its registered descendants): a message that claims
 // another device is refused, counted and logged with the child's id; the rest
@@ -33,6 +49,7 @@
 namespace canopy {
 
 class fleet_registry;
+struct agent_memory;
 
 /// The child links' state for metrics; guarded by `mtx`.
 struct children_board {
@@ -48,6 +65,16 @@ struct fleet_config {
   std::function<caf::actor()> router;         ///< uploads are injected here
   std::function<caf::actor()> agent;          ///< methods and deployments for this node
   std::function<caf::actor()> store;          ///< the hub's telemetry (query)
+  std::function<caf::actor()> parent_link;    ///< reported properties go up here (not on the hub)
+  std::function<bool()> uplink_up;            ///< is the parent link up now (for a restarted fleet)?
+  /// This node's modules as the agent keeps them (statuses, reported properties).
+  std::shared_ptr<agent_memory> memory;
+  /// Validates and applies a deployment manifest (JSON) on this node.
+  std::function<void(std::string manifest_json, reply_fn<void> done)> deploy;
+  /// Replaces the desired properties of a module of this node's deployment.
+  std::function<void(std::string module, nlohmann::json desired, reply_fn<void> done)> module_desired;
+  /// How often this node's own reported state is compared and sent up if changed.
+  std::chrono::milliseconds report_interval{1000};
   clock* clk = nullptr;
   std::shared_ptr<children_board> board;      ///< required
 };

@@ -263,6 +263,42 @@ expected<void> prepare_tree(node::impl& n) {
   return {};
 }
 
+/// Replaces the desired properties of one module of the running deployment
+/// (a twin patch from the hub): the agent gets the changed deployment and
+/// sends the running instance the difference.
+void set_module_desired(caf::actor agent, agent_memory& memory, const std::string& module, nlohmann::json desired,
+                        reply_fn<void> done) {
+  std::optional<deployment> dep;
+  {
+    std::lock_guard<std::mutex> guard{memory.mtx};
+    dep = memory.current;
+  }
+  if (!dep) {
+    done(make_error(errc::not_found, "no deployment runs on this node"));
+    return;
+  }
+  auto it = std::find_if(dep->modules.begin(), dep->modules.end(),
+                         [&](const module_spec& m) { return m.name == module; });
+  if (it == dep->modules.end()) {
+    done(make_error(errc::not_found, "no module '" + module + "' in this node's deployment"));
+    return;
+  }
+  if (!agent) {
+    done(make_error(errc::unavailable, "the agent is restarting; try again"));
+    return;
+  }
+  it->desired_properties = desired;
+  if (dep->manifest.is_object())
+    dep->manifest["modulesContent"][module]["properties.desired"] = std::move(desired);
+  agent->home_system().spawn(
+    [agent, dep = std::move(*dep), done](caf::event_based_actor* self, int) {
+      self->request(agent, std::chrono::seconds{60}, atoms::deploy::value, dep)
+        .then([done] { done(expected<void>{}); },
+              [done](caf::error& err) { done(make_error(errc::failed, caf::to_string(err))); });
+    },
+    0);
+}
+
 /// Serves /metrics: the router's counters, the modules and the links.
 expected<void> start_metrics(node::impl& n) {
   http_options ho;
@@ -588,7 +624,7 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
   if (n.registry) {
     child_spec fleet_child;
     fleet_child.id = "fleet";
-    fleet_child.start = [hp, np](caf::actor_system& sys) {
+    fleet_child.start = [hp, np, memory](caf::actor_system& sys) {
       fleet_config fc;
       fc.node_id = np->opts.device_id;
       fc.hub = np->opts.role == "hub";
@@ -596,6 +632,18 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
       fc.router = [hp] { return hp->get(&node_handles::router); };
       fc.agent = [hp] { return hp->get(&node_handles::agent); };
       fc.store = [hp] { return hp->get(&node_handles::store); };
+      fc.parent_link = [hp] { return hp->get(&node_handles::parent_link); };
+      fc.uplink_up = [np] {
+        std::lock_guard<std::mutex> guard{np->parent_board->mtx};
+        return np->parent_board->parent.up;
+      };
+      fc.memory = memory;
+      fc.deploy = [np](std::string manifest_json, reply_fn<void> done) {
+        np->control->deploy(std::move(manifest_json), std::string{}, std::move(done));
+      };
+      fc.module_desired = [hp, memory](std::string module, nlohmann::json desired, reply_fn<void> done) {
+        set_module_desired(hp->get(&node_handles::agent), *memory, module, std::move(desired), std::move(done));
+      };
       fc.clk = &np->clk;
       fc.board = np->child_board;
       auto a = spawn_fleet(sys, std::move(fc));
@@ -619,6 +667,10 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
         pc.board = np->parent_board;
         pc.parent_id = np->opts.parent_id;
         pc.identity_problem = np->tls_client->problem();
+        pc.on_state = [hp](bool up) {
+          if (auto fleet = hp->get(&node_handles::fleet))
+            caf::anon_send(fleet, atoms::uplink::value, up);
+        };
         auto a = spawn_parent_link(sys, std::move(pc));
         hp->set(&node_handles::parent_link, a);
         return a;

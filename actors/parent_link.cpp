@@ -1,5 +1,6 @@
 #include "actors/parent_link.hpp"
 
+#include "actors/reply_guard.hpp"
 #include "gateway/link.hpp"
 #include "runtime/atoms.hpp"
 #include "runtime/router.hpp"
@@ -277,6 +278,14 @@ caf::behavior parent_link_impl(link_actor* self, parent_link_config cfg) {
       pump(self);
     },
     [self](atoms::resume) { self->state.waiting_resume = false; },
+    [self](atoms::reported, std::vector<twin_update>& updates, reply_ptr<void>& done) {
+      auto& st = self->state;
+      if (!st.up) {
+        (*done)(make_error(errc::unavailable, "the link to '" + st.cfg.parent_id + "' is down"));
+        return;
+      }
+      st.cfg.link->report_twins(st.gen, std::move(updates), [done](expected<void> r) { (*done)(std::move(r)); });
+    },
     [self](atoms::uploaded, std::uint64_t gen, std::uint64_t id, bool ok, std::uint64_t accepted,
            std::string& error) {
       auto& st = self->state;

@@ -14,6 +14,10 @@
 // the router's (resume): the router keeps the messages and hands them over
 // again, in order, when the link is back.
 //
+// (reported, std::vector<twin_update>, reply_ptr<void>) sends reported
+// properties up (the fleet actor's reports); answered once the parent took
+// them, or with errc::unavailable while the link is down.
+//
 // Other messages (atoms in runtime/atoms.hpp), from the uplink's callbacks and
 // the clock: (link_up, gen, parent), (link_down, gen, error), (uploaded, gen,
 // batch, ok, error), (pong, gen, rtt_us | -1, error), (connect), (ping).
@@ -23,7 +27,10 @@
 #include "runtime/metrics.hpp"
 #include "runtime/restart_tracker.hpp"
 
+#include "gateway/link.hpp"  // twin_update
+
 #include <caf/actor.hpp>
+#include <caf/allowed_unsafe_message_type.hpp>
 #include <caf/fwd.hpp>
 
 #include <chrono>
@@ -74,3 +81,5 @@ struct parent_link_config {
 caf::actor spawn_parent_link(caf::actor_system& sys, parent_link_config cfg);
 
 }  // namespace canopy
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::vector<canopy::twin_update>)

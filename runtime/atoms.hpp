@@ -43,6 +43,7 @@ using uploaded = caf::atom_constant<caf::atom("uploaded")>;
 using ping = caf::atom_constant<caf::atom("ping")>;
 using pong = caf::atom_constant<caf::atom("pong")>;
 using connect = caf::atom_constant<caf::atom("connect")>;
+using uplink = caf::atom_constant<caf::atom("uplink")>;
 
 // agent (runtime/agent.hpp) and control
 using deploy = caf::atom_constant<caf::atom("deploy")>;

@@ -1066,12 +1066,25 @@ expected<twin_record> fleet_registry::patch_reported(const std::string& device,
 expected<twin_record> fleet_registry::set_reported_full(const std::string& device,
                                                         const std::string& module, const json& doc,
                                                         std::int64_t version) {
+  return set_full(device, module, doc, version, twin_side::reported);
+}
+
+expected<twin_record> fleet_registry::set_desired_full(const std::string& device,
+                                                       const std::string& module, const json& doc,
+                                                       std::int64_t version) {
+  return set_full(device, module, doc, version, twin_side::desired);
+}
+
+expected<twin_record> fleet_registry::set_full(const std::string& device, const std::string& module,
+                                               const json& doc, std::int64_t version, twin_side side) {
+  const bool reported = side == twin_side::reported;
+  const char* label = reported ? "reported" : "desired";
   if (version < 0)
     return make_error(errc::invalid_argument,
                       "registry: version: must be >= 0, not " + std::to_string(version));
-  if (auto ok = check_object(doc, "reported"); !ok)
+  if (auto ok = check_object(doc, label); !ok)
     return std::move(ok).err();
-  const std::string what = "reported properties of " + shown(twin_name(device, module));
+  const std::string what = std::string{label} + " properties of " + shown(twin_name(device, module));
   if (auto text = bounded_text(doc, what); !text)
     return std::move(text).err();
   if (auto ok = check_twin_key(device, module); !ok)
@@ -1090,11 +1103,12 @@ expected<twin_record> fleet_registry::set_reported_full(const std::string& devic
     t.device = device;
     t.module = module;
   }
-  if (version <= t.reported_version)
+  auto& current_version = reported ? t.reported_version : t.desired_version;
+  if (version <= current_version)
     return t;  // ours is as new or newer; the transaction rolls back (nothing written)
-  t.reported = doc;
-  t.reported_version = version;
-  t.reported_updated_ms = now_ms();
+  (reported ? t.reported : t.desired) = doc;
+  current_version = version;
+  (reported ? t.reported_updated_ms : t.desired_updated_ms) = now_ms();
   if (auto ok = write_twin(t); !ok)
     return std::move(ok).err();
   if (auto ok = tx.commit(); !ok)

@@ -280,6 +280,11 @@ class fleet_registry {
   expected<twin_record> set_reported_full(const std::string& device, const std::string& module,
                                           const nlohmann::json& doc, std::int64_t version);
 
+  /// The same for desired properties arriving from a parent (a gateway's cache
+  /// of its subtree's twins): stored only if `version` is newer.
+  expected<twin_record> set_desired_full(const std::string& device, const std::string& module,
+                                         const nlohmann::json& doc, std::int64_t version);
+
   // -- deployments -------------------------------------------------------------
 
   /// Stores a deployment and returns it as stored (created_ms = now). Checks:
@@ -338,6 +343,8 @@ class fleet_registry {
                                                  const std::string& module);
   expected<void> write_twin(const twin_record& t);
   enum class twin_side { desired, reported };
+  expected<twin_record> set_full(const std::string& device, const std::string& module,
+                                 const nlohmann::json& doc, std::int64_t version, twin_side side);
   expected<twin_record> change_twin(const std::string& device, const std::string& module,
                                     const nlohmann::json& doc, twin_side side, bool merge);
   expected<std::vector<device_record>> query_devices(sqlite3_stmt* s, const std::string& arg);

@@ -421,3 +421,136 @@ TEST_CASE("a parent killed mid-stream: the child keeps the messages and delivers
   CHECK(gw1.stop().value_or(-1) == 0);
   CHECK(hub.node.stop().value_or(-1) == 0);
 }
+
+namespace {
+
+/// A deployment manifest running the temperature filter as module `module`.
+nlohmann::json filter_manifest(const std::string& module, double threshold) {
+  return {{"modulesContent",
+           {{"$edgeAgent",
+             {{"properties.desired",
+               {{"schemaVersion", "1.1"},
+                {"modules",
+                 {{module,
+                   {{"version", "1.0"},
+                    {"type", "actor"},
+                    {"status", "running"},
+                    {"restartPolicy", "always"},
+                    {"settings", {{"library", "builtin:temperature-filter"}}}}}}}}}}},
+            {"$edgeHub",
+             {{"properties.desired",
+               {{"schemaVersion", "1.1"},
+                {"routes", {{"up", "FROM /messages/modules/" + module + "/outputs/* INTO $upstream"}}}}}}},
+            {module, {{"properties.desired", {{"TemperatureThreshold", threshold}}}}}}}};
+}
+
+nlohmann::json parse_or_null(const run_result& r) {
+  if (r.exit_code != 0)
+    return {};
+  auto j = nlohmann::json::parse(r.output, nullptr, false);
+  return j.is_discarded() ? nlohmann::json{} : j;
+}
+
+/// The node's entry in the hub's `status --json`.
+nlohmann::json fleet_entry(const hub_node& hub, const std::string& id) {
+  auto fleet = parse_or_null(hub.ctl({"status", "--json"}));
+  if (fleet.is_array())
+    for (auto& n : fleet)
+      if (n.value("deviceId", "") == id)
+        return n;
+  return {};
+}
+
+/// The status of `module` on `id` as the hub knows it ("" if not reported).
+std::string module_status_at_hub(const hub_node& hub, const std::string& id, const std::string& module) {
+  auto n = fleet_entry(hub, id);
+  if (n.is_null())
+    return {};
+  for (auto& m : n.value("modules", nlohmann::json::array()))
+    if (m.value("name", "") == module)
+      return m.value("status", "");
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("deployments, twins and methods travel three hops down and their results come back up", "[tree]") {
+  auto paths = canopy_paths::from_env();
+  fleet_certs certs{paths};
+  for (auto id : {"hub", "gw1", "gw2", "gw3"})
+    certs.issue(id);
+  hub_node hub{paths, certs};
+  hub.start();
+  hub.must({"device", "create", "gw1", "--parent", "hub", "--kind", "gateway", "--tag", "site=plant-1"});
+  hub.must({"device", "create", "gw2", "--parent", "gw1", "--kind", "gateway", "--tag", "site=plant-1"});
+  hub.must({"device", "create", "gw3", "--parent", "gw2", "--kind", "gateway", "--tag", "site=plant-1",
+            "--tag", "line=3"});
+  // Two deployments match gw3; the higher priority wins.
+  auto plant = hub.node.write_manifest("plant.json", filter_manifest("filter", 25));
+  auto line3 = hub.node.write_manifest("line3.json", filter_manifest("linefilter", 30));
+  auto plant2 = hub.node.write_manifest("plant2.json", filter_manifest("p2filter", 35));
+  hub.must({"deployment", "create", "plant", "--manifest", plant, "--target-condition", "tags.site='plant-1'",
+            "--priority", "10"});
+  hub.must({"deployment", "create", "line3", "--manifest", line3, "--target-condition",
+            "tags.site='plant-1' AND tags.line=3", "--priority", "20"});
+  hub.must({"deployment", "create", "plant2", "--manifest", plant2, "--target-condition", "tags.site='plant-2'",
+            "--priority", "10"});
+
+  canopy_node gw1{paths}, gw2{paths}, gw3{paths};
+  const int gw1_port = free_port(), gw2_port = free_port();
+  start_gateway(gw1, "gw1", certs, hub.link_port, "hub", gw1_port);
+  start_gateway(gw2, "gw2", certs, gw1_port, "gw1", gw2_port);
+  start_gateway(gw3, "gw3", certs, gw2_port, "gw2");
+
+  // The deployments reach every level and the module statuses come back.
+  REQUIRE(gw1.wait_module("filter", [](const module_view& m) { return m.status == "running"; }, 60s));
+  REQUIRE(gw3.wait_module("linefilter", [](const module_view& m) { return m.status == "running"; }, 60s));
+  REQUIRE(wait_until([&] { return module_status_at_hub(hub, "gw3", "linefilter") == "running"; }, 60s, 250ms));
+  REQUIRE(wait_until([&] {
+    auto d = parse_or_null(hub.ctl({"deployment", "show", "line3", "--json"}));
+    auto ok = d.value("succeeded", nlohmann::json::array());
+    return std::find(ok.begin(), ok.end(), "gw3") != ok.end();
+  }, 60s, 250ms));
+  // gw3's link as gw2 reports it (gw2 reports its children's links once a second).
+  CHECK(wait_until([&] { return fleet_entry(hub, "gw3").value("connected", false); }, 30s, 250ms));
+  auto gw3_entry = fleet_entry(hub, "gw3");
+  CHECK(gw3_entry.value("deployment", "") == "line3");
+  CHECK(gw3_entry.value("deploymentStatus", "") == "succeeded");
+  CHECK(module_status_at_hub(hub, "gw2", "filter") == "running");
+
+  // A twin patch goes down three links, the module reports back up.
+  hub.must({"twin", "patch", "gw3", "--module", "linefilter", "--desired", R"({"TemperatureThreshold": 42})"});
+  REQUIRE(wait_until([&] {
+    auto t = parse_or_null(hub.ctl({"twin", "show", "gw3", "--module", "linefilter"}));
+    if (t.is_null())
+      return false;
+    auto reported = t["properties"]["reported"];
+    return reported.is_object() && reported.value("TemperatureThreshold", 0.0) == 42.0;
+  }, 60s, 250ms));
+
+  // A direct method, hop by hop, and its answer.
+  auto m = hub.ctl({"invoke", "--device", "gw3", "--module", "linefilter", "--method", "getStats"});
+  INFO(m.output);
+  CHECK(m.exit_code == 0);
+  auto missing = hub.ctl({"invoke", "--device", "gw3", "--module", "nosuch", "--method", "getStats"});
+  CHECK(missing.exit_code != 0);
+
+  // A tag change moves gw3 to the deployment that now matches.
+  hub.must({"device", "tags", "gw3", "--tag", "site=plant-2"});
+  REQUIRE(gw3.wait_module("p2filter", [](const module_view& m) { return m.status == "running"; }, 60s));
+  REQUIRE(wait_until([&] { return fleet_entry(hub, "gw3").value("deployment", "") == "plant2"; }, 30s, 250ms));
+  REQUIRE(wait_until([&] { return module_status_at_hub(hub, "gw3", "p2filter") == "running"; }, 60s, 250ms));
+
+  CHECK(gw3.stop().value_or(-1) == 0);
+  CHECK(gw2.stop().value_or(-1) == 0);
+  CHECK(gw1.stop().value_or(-1) == 0);
+  // A hub restart keeps the registry, twins and deployments.
+  CHECK(hub.node.stop().value_or(-1) == 0);
+  hub.start();
+  auto deps = parse_or_null(hub.ctl({"deployment", "list", "--json"}));
+  CHECK(deps.dump().find("line3") != std::string::npos);
+  auto twin = parse_or_null(hub.ctl({"twin", "show", "gw3", "--module", "linefilter"}));
+  CHECK(twin["properties"]["desired"].value("TemperatureThreshold", 0.0) == 42.0);
+  CHECK(fleet_entry(hub, "gw3").value("parentId", "") == "gw2");
+  CHECK(hub.node.stop().value_or(-1) == 0);
+}
