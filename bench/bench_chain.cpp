@@ -245,13 +245,16 @@ struct canopy_process {
 /// hub ← gw-a ← gw-b, certificates, registry: everything but the load.
 class canopy_chain {
  public:
-  canopy_chain(programs progs, long devices) : progs_(std::move(progs)), dir_("cnbc") {
+  /// `threads`: each node's --threads (0: the node's default).
+  canopy_chain(programs progs, long devices, long threads)
+      : progs_(std::move(progs)), threads_(threads), dir_("cnbc") {
     certs_ = dir_.file("certs");
     ctl_ok({progs_.canopyctl, "certs", "ca", "--out", certs_});
     for (auto id : {"hub", "gw-a", "gw-b"})
       ctl_ok({progs_.canopyctl, "certs", "issue", "--ca-dir", certs_, "--id", id});
 
-    const int hub_link = free_port(), api = free_port(), gwa_link = free_port();
+    const int hub_link = free_port(), api = free_port();
+    gwa_link_ = free_port();
     start(hub_, "hub", {"--role", "hub", "--link-listen", loopback(hub_link), "--api-listen", loopback(api)});
     wait_or_fail([&] { return std::filesystem::exists(hub_.data + "/api-token") && port_accepts(api); }, 20s,
                  "the hub's REST API");
@@ -269,9 +272,9 @@ class canopy_chain {
     for (long d = 1; d <= devices; ++d)
       create({device_id(d), "--parent", "gw-b", "--kind", "device", "--auth", "x509_ca"});
 
-    start(gwa_, "gw-a",
-          {"--parent", loopback(hub_link), "--parent-id", "hub", "--link-listen", loopback(gwa_link)});
-    start(gwb_, "gw-b", {"--parent", loopback(gwa_link), "--parent-id", "gw-a"});
+    gwa_args_ = {"--parent", loopback(hub_link), "--parent-id", "hub", "--link-listen", loopback(gwa_link_)};
+    start(gwa_, "gw-a", gwa_args_);
+    start(gwb_, "gw-b", {"--parent", loopback(gwa_link_), "--parent-id", "gw-a"});
     wait_or_fail([&] { return parent_link_up(gwa_.socket); }, 30s, "gw-a's link to the hub", 100ms);
     // gw-b is admitted once gw-a has its registry scope from the hub.
     wait_or_fail([&] { return parent_link_up(gwb_.socket); }, 60s, "gw-b's link to gw-a", 100ms);
@@ -299,6 +302,16 @@ class canopy_chain {
     return {hub_.proc->get().pid(), gwa_.proc->get().pid(), gwb_.proc->get().pid()};
   }
 
+  /// Stops gw-a (SIGTERM; gw-b keeps what it gets and retries its link).
+  void stop_gwa() {
+    gwa_.proc->stop();
+    gwa_.proc.reset();
+  }
+
+  /// Starts gw-a again over the same data dir (it admits gw-b from its cached
+  /// registry scope); returns at once.
+  void restart_gwa() { start(gwa_, "gw-a", gwa_args_); }
+
   /// Fails, with the node's log, if one of them exited.
   void check_alive() {
     for (auto* n : {&hub_, &gwa_, &gwb_})
@@ -320,13 +333,20 @@ class canopy_chain {
     std::vector<std::string> argv{progs_.canopy, "run",     "--device-id", id,         "--certs",
                                   certs_,        "-d",      n.data,        "-s",       n.socket,
                                   "--log-level", "warn"};
+    if (threads_ > 0) {
+      argv.push_back("--threads");
+      argv.push_back(std::to_string(threads_));
+    }
     argv.insert(argv.end(), extra.begin(), extra.end());
     n.proc.emplace(argv);
   }
 
   programs progs_;
+  long threads_ = 0;
   test::temp_dir dir_;
   std::string certs_;
+  int gwa_link_ = 0;
+  std::vector<std::string> gwa_args_;
   canopy_process hub_, gwa_, gwb_;
 };
 
@@ -351,6 +371,130 @@ long cpu_ticks(pid_t pid) {
   return utime + stime;
 }
 
+/// CPU time used by `pids` between construction and stop(), as percent of
+/// one core over `seconds`.
+class cpu_meter {
+ public:
+  explicit cpu_meter(std::vector<pid_t> pids) : pids_(std::move(pids)) {
+    for (auto p : pids_)
+      start_.push_back(cpu_ticks(p));
+  }
+  /// Percent of one core per pid, over `seconds`.
+  std::vector<double> stop(double seconds) const {
+    const double hz = static_cast<double>(::sysconf(_SC_CLK_TCK));
+    std::vector<double> out;
+    for (std::size_t i = 0; i < pids_.size(); ++i)
+      out.push_back(100.0 * static_cast<double>(cpu_ticks(pids_[i]) - start_[i]) / hz / seconds);
+    return out;
+  }
+
+ private:
+  std::vector<pid_t> pids_;
+  std::vector<long> start_;
+};
+
+/// The leaf devices' programs: one `canopyctl send --stdin` per body file,
+/// each as its own leaf device dev-<k>, through gw-b's control socket.
+class sender_group {
+ public:
+  sender_group(const canopy_chain& chain, const std::vector<std::string>& files, long window) {
+    for (std::size_t k = 0; k < files.size(); ++k)
+      procs_.push_back(std::make_unique<tracked_process>(
+        std::vector<std::string>{chain.progs().canopyctl, "--socket", chain.gwb().socket, "send", "--device",
+                                 canopy_chain::device_id(static_cast<long>(k) + 1), "--content-type",
+                                 "application/json", "--stdin", "--window", std::to_string(window)},
+        files[k]));
+    ticks_.assign(procs_.size(), 0);
+  }
+
+  /// True once every sender exited (then done_at() is set); fails if one
+  /// exited with an error.
+  bool poll() {
+    if (done_at_)
+      return true;
+    bool all = true;
+    for (std::size_t i = 0; i < procs_.size(); ++i) {
+      auto& p = procs_[i]->get();
+      if (p.running()) {
+        ticks_[i] = cpu_ticks(p.pid());  // the last reading before it exits
+        all = false;
+      } else if (p.status().value_or(-1) != 0) {
+        fail("canopyctl send exited with " + std::to_string(p.status().value_or(-1)) + ":\n" +
+             procs_[i]->output_tail());
+      }
+    }
+    if (all)
+      done_at_ = bench_clock::now();
+    return all;
+  }
+
+  /// When poll() first saw them all gone.
+  std::optional<bench_clock::time_point> done_at() const { return done_at_; }
+
+  /// Waits until all exited (at most `timeout`), then checks that each
+  /// acknowledged `per_sender` messages ("<n> ok 1": durable at gw-b, one endpoint).
+  void finish(long per_sender, std::chrono::milliseconds timeout) {
+    wait_or_fail([&] { return poll(); }, timeout, "canopyctl send to finish", 5ms);
+    for (auto& p : procs_) {
+      auto oks = test::count_occurrences(p->get().output(), " ok 1\n");
+      if (static_cast<long>(oks) != per_sender)
+        fail("canopyctl send acknowledged " + std::to_string(oks) + " of " + std::to_string(per_sender) + ":\n" +
+             p->output_tail());
+    }
+  }
+
+  /// Their CPU as percent of one core over `seconds` (ticks read while they ran).
+  double cpu_percent(double seconds) const {
+    const double hz = static_cast<double>(::sysconf(_SC_CLK_TCK));
+    double sum = 0;
+    for (auto t : ticks_)
+      sum += static_cast<double>(t);
+    return 100.0 * sum / hz / seconds;
+  }
+
+ private:
+  std::vector<std::unique_ptr<tracked_process>> procs_;
+  std::vector<long> ticks_;
+  std::optional<bench_clock::time_point> done_at_;
+};
+
+/// Polls the hub's `sent` counter (deliveries its telemetry store
+/// acknowledged) over one control connection (KJ: one client per thread, so
+/// no other control_client may live meanwhile).
+class hub_counter {
+ public:
+  explicit hub_counter(const std::string& socket) {
+    auto c = control_client::connect(socket);
+    if (!c)
+      fail(c.err().message);
+    client_.emplace(std::move(c).value());
+  }
+  std::uint64_t sent() {
+    auto m = client_->metrics();
+    if (!m)
+      fail("metrics of the hub: " + m.err().message);
+    return m->sent;
+  }
+
+ private:
+  std::optional<control_client> client_;
+};
+
+/// Writes `senders` files of `per_sender` bodies (one per line) into the chain's dir.
+std::vector<std::string> write_body_files(const canopy_chain& chain, long per_sender, long senders) {
+  std::vector<std::string> files;
+  for (long s = 1; s <= senders; ++s) {
+    auto path = chain.dir().file("bodies-" + std::to_string(s) + ".txt");
+    std::ofstream out(path);
+    for (long i = 0; i < per_sender; ++i)
+      out << body_of(s, i) << '\n';
+    if (!out)
+      fail("cannot write " + path);
+    files.push_back(path);
+  }
+  return files;
+}
+
 struct canopy_figures {
   double msg_s = 0;
   double producer_msg_s = 0;  ///< until every sender had all its messages acknowledged (durable at gw-b)
@@ -359,111 +503,90 @@ struct canopy_figures {
   std::uint64_t commits_hub = 0, commits_gwa = 0, commits_gwb = 0;
 };
 
-/// One round: `senders` canopyctl processes, each sending `per_sender` bodies
-/// as its own leaf device with `window` in flight; timed until the hub's
-/// telemetry store acknowledged all of them.
-canopy_figures run_canopy(canopy_chain& chain, long per_sender, long senders, long window, long round) {
-  std::vector<std::string> files;
-  for (long s = 1; s <= senders; ++s) {
-    auto path = chain.dir().file("bodies-" + std::to_string(round) + "-" + std::to_string(s) + ".txt");
-    std::ofstream out(path);
-    for (long i = 0; i < per_sender; ++i)
-      out << body_of(s, i) << '\n';
-    if (!out)
-      fail("cannot write " + path);
-    files.push_back(path);
-  }
-  const long total = per_sender * senders;
+/// One round of the whole chain: the senders run while every hop forwards;
+/// timed from spawning the senders until the hub's telemetry store
+/// acknowledged every message.
+canopy_figures run_canopy(canopy_chain& chain, const std::vector<std::string>& files, long per_sender,
+                          long window) {
+  const long total = per_sender * static_cast<long>(files.size());
   auto before_hub = metrics_of(chain.hub().socket), before_gwa = metrics_of(chain.gwa().socket),
        before_gwb = metrics_of(chain.gwb().socket);
-  // One control client per thread (KJ): this one polls the hub until the end.
-  auto hub = std::optional(control_client::connect(chain.hub().socket));
-  if (!*hub)
-    fail((*hub).err().message);
-  auto hub_sent = [&]() -> std::uint64_t {
-    auto m = (**hub).metrics();
-    if (!m)
-      fail("metrics of the hub: " + m.err().message);
-    return m->sent;
-  };
-  const auto base = before_hub.sent;
-  auto pids = chain.pids();
-  std::vector<long> ticks0;
-  for (auto p : pids)
-    ticks0.push_back(cpu_ticks(p));
-
-  const auto t0 = bench_clock::now();
-  std::vector<std::unique_ptr<tracked_process>> procs;
-  for (long s = 1; s <= senders; ++s) {
-    procs.push_back(std::make_unique<tracked_process>(
-      std::vector<std::string>{chain.progs().canopyctl, "--socket", chain.gwb().socket, "send", "--device",
-                               canopy_chain::device_id(s), "--content-type", "application/json", "--stdin",
-                               "--window", std::to_string(window)},
-      files[static_cast<std::size_t>(s - 1)]));
-    pids.push_back(procs.back()->get().pid());
-  }
-  std::optional<bench_clock::time_point> producers_done;
-  std::vector<long> sender_ticks(static_cast<std::size_t>(senders), 0);
-  const auto deadline = t0 + std::chrono::seconds(30 + total / 2000);
-  for (;;) {
-    check_stop();
-    if (!producers_done) {
-      bool all = true;
-      for (std::size_t i = 0; i < procs.size(); ++i) {
-        auto& p = procs[i]->get();
-        if (p.running()) {
-          sender_ticks[i] = cpu_ticks(p.pid());  // the last reading before it exits
-          all = false;
-        } else if (p.status().value_or(-1) != 0) {
-          fail("canopyctl send exited with " + std::to_string(p.status().value_or(-1)) + ":\n" +
-               procs[i]->output_tail());
-        }
-      }
-      if (all)
-        producers_done = bench_clock::now();
-    }
-    if (hub_sent() >= base + static_cast<std::uint64_t>(total))
-      break;
-    if (bench_clock::now() > deadline) {
-      chain.check_alive();
-      fail("the hub got " + std::to_string(hub_sent() - base) + " of " + std::to_string(total) + " messages");
-    }
-    std::this_thread::sleep_for(5ms);
-  }
-  const auto t1 = bench_clock::now();
-  hub.reset();
-  std::vector<long> ticks1;
-  for (std::size_t i = 0; i < 3; ++i)
-    ticks1.push_back(cpu_ticks(pids[i]));
-  for (auto& p : procs)
-    if (!p->get().wait_for(10s))
-      fail("canopyctl send did not exit after the hub had everything");
-  for (auto& p : procs) {
-    auto out = p->get().output();
-    auto oks = test::count_occurrences(out, " ok 1\n");
-    if (static_cast<long>(oks) != per_sender)
-      fail("canopyctl send acknowledged " + std::to_string(oks) + " of " + std::to_string(per_sender) + ":\n" +
-           p->output_tail());
-  }
-
+  std::optional<bench_clock::time_point> t1;
   canopy_figures f;
-  const double secs = std::chrono::duration<double>(t1 - t0).count();
-  f.seconds = secs;
-  f.msg_s = static_cast<double>(total) / secs;
-  f.producer_msg_s =
-    static_cast<double>(total) / std::chrono::duration<double>(producers_done.value_or(t1) - t0).count();
-  const double hz = static_cast<double>(::sysconf(_SC_CLK_TCK));
-  for (std::size_t i = 0; i < 3; ++i)
-    f.cpu_percent.push_back(100.0 * static_cast<double>(ticks1[i] - ticks0[i]) / hz / secs);
-  double sender_cpu = 0;
-  for (auto t : sender_ticks)
-    sender_cpu += static_cast<double>(t);
-  f.cpu_percent.push_back(100.0 * sender_cpu / hz / secs);
+  {
+    hub_counter hub(chain.hub().socket);
+    const auto target = before_hub.sent + static_cast<std::uint64_t>(total);
+    cpu_meter cpu(chain.pids());
+    const auto t0 = bench_clock::now();
+    sender_group senders(chain, files, window);
+    const auto deadline = t0 + std::chrono::seconds(30 + total / 2000);
+    while (!t1) {
+      check_stop();
+      senders.poll();
+      if (hub.sent() >= target) {
+        t1 = bench_clock::now();
+        break;
+      }
+      if (bench_clock::now() > deadline) {
+        chain.check_alive();
+        fail("the hub got " + std::to_string(hub.sent() - before_hub.sent) + " of " + std::to_string(total) +
+             " messages");
+      }
+      std::this_thread::sleep_for(5ms);
+    }
+    f.seconds = std::chrono::duration<double>(*t1 - t0).count();
+    f.cpu_percent = cpu.stop(f.seconds);
+    senders.finish(per_sender, 10s);
+    f.cpu_percent.push_back(senders.cpu_percent(f.seconds));
+    f.msg_s = static_cast<double>(total) / f.seconds;
+    f.producer_msg_s = static_cast<double>(total) /
+                       std::chrono::duration<double>(std::min(*senders.done_at(), *t1) - t0).count();
+  }
   f.commits_hub = metrics_of(chain.hub().socket).commits - before_hub.commits;
   f.commits_gwa = metrics_of(chain.gwa().socket).commits - before_gwa.commits;
   f.commits_gwb = metrics_of(chain.gwb().socket).commits - before_gwb.commits;
-  for (long s = 1; s <= senders; ++s)
-    std::filesystem::remove(files[static_cast<std::size_t>(s - 1)]);
+  return f;
+}
+
+struct split_figures {
+  double ingress_msg_s = 0;            ///< senders → gw-b alone (gw-a down): durable at gw-b
+  double forward_msg_s = 0;            ///< gw-b's backlog → gw-a → hub, from the link's return
+  std::vector<double> ingress_cpu;     ///< gw-b, senders
+  std::vector<double> forward_cpu;     ///< hub, gw-a, gw-b
+};
+
+/// The two halves apart: with gw-a stopped, the senders' messages stay at
+/// gw-b (ingress alone); then gw-a comes back and gw-b's backlog goes up
+/// the two links to the hub (forwarding alone), timed from the moment gw-b's
+/// link is up again.
+split_figures run_split(canopy_chain& chain, const std::vector<std::string>& files, long per_sender, long window) {
+  const long total = per_sender * static_cast<long>(files.size());
+  split_figures f;
+  const auto base = metrics_of(chain.hub().socket).sent;
+  chain.stop_gwa();
+  wait_or_fail([&] { return !parent_link_up(chain.gwb().socket); }, 20s, "gw-b to see gw-a gone", 10ms);
+  {
+    const auto gwb_pid = chain.pids()[2];
+    cpu_meter cpu({gwb_pid});
+    const auto t0 = bench_clock::now();
+    sender_group senders(chain, files, window);
+    senders.finish(per_sender, std::chrono::seconds(30 + total / 1000));
+    const double secs = std::chrono::duration<double>(*senders.done_at() - t0).count();
+    f.ingress_msg_s = static_cast<double>(total) / secs;
+    f.ingress_cpu = cpu.stop(secs);
+    f.ingress_cpu.push_back(senders.cpu_percent(secs));
+  }
+  chain.restart_gwa();
+  // gw-b retries with its backoff (up to a few seconds here).
+  wait_or_fail([&] { return parent_link_up(chain.gwb().socket); }, 40s, "gw-b's link to gw-a to return", 5ms);
+  hub_counter hub(chain.hub().socket);
+  cpu_meter cpu(chain.pids());
+  const auto t_up = bench_clock::now();
+  wait_or_fail([&] { return hub.sent() >= base + static_cast<std::uint64_t>(total); },
+               std::chrono::seconds(30 + total / 2000), "gw-b's backlog at the hub", 5ms);
+  const double secs = std::chrono::duration<double>(bench_clock::now() - t_up).count();
+  f.forward_msg_s = static_cast<double>(total) / secs;
+  f.forward_cpu = cpu.stop(secs);
   return f;
 }
 
@@ -725,8 +848,10 @@ int run(int argc, char** argv) {
   const long senders = bench::arg(argc, argv, "senders", 1);
   const long mqtt_inflight = bench::arg(argc, argv, "mqtt-inflight", 100);
   const long rounds = bench::arg(argc, argv, "rounds", 2);
-  if (messages < senders || senders < 1 || window < 1 || rounds < 1 || mqtt_inflight < 0)
-    fail("bad arguments: --messages >= --senders >= 1, --window >= 1, --rounds >= 1, --mqtt-inflight >= 0");
+  const long node_threads = bench::arg(argc, argv, "node-threads", 0);
+  const bool with_split = bench::arg(argc, argv, "split", 1) != 0;
+  if (messages < senders || senders < 1 || window < 1 || rounds < 1 || mqtt_inflight < 0 || node_threads < 0)
+    fail("bad arguments: --messages >= --senders >= 1, --window >= 1, --rounds >= 1, --mqtt-inflight >= 0, --node-threads >= 0");
   const long per_sender = messages / senders;
   const long total = per_sender * senders;
   auto progs = programs::find();
@@ -768,11 +893,14 @@ int run(int argc, char** argv) {
   }
 
   canopy_figures best_cn;
+  std::optional<split_figures> split;
   {
-    canopy_chain chain(progs, senders);
-    std::printf("canopy: hub <- gw-a <- gw-b up (TLS links)\n");
+    canopy_chain chain(progs, senders, node_threads);
+    std::printf("canopy: hub <- gw-a <- gw-b up (TLS links)%s\n",
+                node_threads > 0 ? (", --threads " + std::to_string(node_threads)).c_str() : "");
+    auto files = write_body_files(chain, per_sender, senders);
     for (long r = 1; r <= rounds; ++r) {
-      auto f = run_canopy(chain, per_sender, senders, window, r);
+      auto f = run_canopy(chain, files, per_sender, window);
       std::printf("canopy round %ld: %.0f msg/s (%.2f s; senders done at %.0f msg/s); CPU %% of a core: hub %.0f, "
                   "gw-a %.0f, gw-b %.0f, canopyctl send %.0f; commits hub %llu, gw-a %llu, gw-b %llu\n",
                   r, f.msg_s, f.seconds, f.producer_msg_s, f.cpu_percent[0], f.cpu_percent[1], f.cpu_percent[2],
@@ -781,14 +909,26 @@ int run(int argc, char** argv) {
       if (f.msg_s > best_cn.msg_s)
         best_cn = f;
     }
+    if (with_split) {
+      split = run_split(chain, files, per_sender, window);
+      std::printf("canopy apart: ingress alone (senders -> gw-b, durable there; gw-a down) %.0f msg/s, CPU %% gw-b "
+                  "%.0f, canopyctl send %.0f\n",
+                  split->ingress_msg_s, split->ingress_cpu[0], split->ingress_cpu[1]);
+      std::printf("canopy apart: forwarding alone (gw-b's stored backlog -> gw-a -> hub, from the link's return) "
+                  "%.0f msg/s, CPU %% hub %.0f, gw-a %.0f, gw-b %.0f\n",
+                  split->forward_msg_s, split->forward_cpu[0], split->forward_cpu[1], split->forward_cpu[2]);
+    }
   }
 
-  std::printf("canopy is durable at every hop (SQLite WAL, synchronous=FULL) over TLS; the mosquitto chain keeps "
-              "messages in memory only (persistence off) over plain TCP\n");
+  std::printf("canopy is durable at every hop (SQLite WAL, synchronous=FULL) over mutually authenticated TLS; the "
+              "mosquitto chain keeps messages in memory only (persistence off) over plain TCP\n");
   std::printf("RESULT bench-chain canopy_msg_s=%.0f mosquitto_msg_s=%.0f ratio=%.2f messages=%ld hops=3 "
-              "window=%ld senders=%ld producer_msg_s=%.0f\n",
+              "window=%ld senders=%ld producer_msg_s=%.0f",
               best_cn.msg_s, best_mq.msg_s, best_cn.msg_s / best_mq.msg_s, total, window, senders,
               best_cn.producer_msg_s);
+  if (split)
+    std::printf(" ingress_msg_s=%.0f forward_msg_s=%.0f", split->ingress_msg_s, split->forward_msg_s);
+  std::printf("\n");
   return 0;
 }
 

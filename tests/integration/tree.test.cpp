@@ -131,6 +131,36 @@ struct hub_node {
   }
 };
 
+/// A fleet: its certificates (the hub's and `ids`) and its hub, started; and
+/// the registry entries the tests create through the hub's API.
+struct fleet_fixture {
+  canopy_paths paths = canopy_paths::from_env();
+  fleet_certs certs{paths};
+  hub_node hub{paths, certs};
+
+  explicit fleet_fixture(std::initializer_list<const char*> ids) {
+    certs.issue("hub");
+    for (auto id : ids)
+      certs.issue(id);
+    hub.start();
+  }
+
+  /// Registers gateway `id` under `parent` with tags "k=v".
+  void gateway(const std::string& id, const std::string& parent, const std::vector<std::string>& tags = {}) {
+    std::vector<std::string> args{"device", "create", id, "--parent", parent, "--kind", "gateway"};
+    for (auto& t : tags) {
+      args.push_back("--tag");
+      args.push_back(t);
+    }
+    hub.must(args);
+  }
+
+  /// Registers leaf device `id` under gateway `parent`.
+  void device(const std::string& id, const std::string& parent) {
+    hub.must({"device", "create", id, "--parent", parent, "--kind", "device", "--auth", "x509_ca"});
+  }
+};
+
 /// A gateway with a parent.
 void start_gateway(canopy_node& gw, const std::string& id, const fleet_certs& certs, int parent_port,
                    const std::string& parent_id, int listen_port = 0) {
@@ -227,15 +257,11 @@ bool complete_in_order(const std::vector<long>& ns, long first, long count) {
 
 TEST_CASE("a grandchild's telemetry reaches the hub over two mutually authenticated TLS links",
           "[tree]") {
-  auto paths = canopy_paths::from_env();
-  fleet_certs certs{paths};
-  for (auto id : {"hub", "gw1", "gw2"})
-    certs.issue(id);
-  hub_node hub{paths, certs};
-  hub.start();
-  hub.must({"device", "create", "gw1", "--parent", "hub", "--kind", "gateway", "--tag", "site=plant-1"});
-  hub.must({"device", "create", "gw2", "--parent", "gw1", "--kind", "gateway"});
-  hub.must({"device", "create", "sensor-1", "--parent", "gw2", "--kind", "device", "--auth", "x509_ca"});
+  fleet_fixture fleet{"gw1", "gw2"};
+  auto& [paths, certs, hub] = fleet;
+  fleet.gateway("gw1", "hub", {"site=plant-1"});
+  fleet.gateway("gw2", "gw1");
+  fleet.device("sensor-1", "gw2");
 
   canopy_node gw1{paths}, gw2{paths};
   const int gw1_port = free_port();
@@ -267,9 +293,9 @@ TEST_CASE("a grandchild's telemetry reaches the hub over two mutually authentica
   // The fleet as the hub sees it.
   auto status = hub.ctl({"status", "--json"});
   REQUIRE(status.exit_code == 0);
-  auto fleet = nlohmann::json::parse(status.output);
+  auto nodes = nlohmann::json::parse(status.output);
   std::map<std::string, nlohmann::json> by_id;
-  for (auto& n : fleet)
+  for (auto& n : nodes)
     by_id[n.value("deviceId", "")] = n;
   CHECK(by_id["gw1"].value("connected", false));
   CHECK(by_id["gw2"].value("parentId", "") == "gw1");
@@ -280,13 +306,9 @@ TEST_CASE("a grandchild's telemetry reaches the hub over two mutually authentica
 }
 
 TEST_CASE("children that cannot prove who they are, or are not registered here, are refused", "[tree]") {
-  auto paths = canopy_paths::from_env();
-  fleet_certs certs{paths};
-  for (auto id : {"hub", "gw1", "stranger"})
-    certs.issue(id);
-  hub_node hub{paths, certs};
-  hub.start();
-  hub.must({"device", "create", "gw1", "--parent", "hub", "--kind", "gateway"});
+  fleet_fixture fleet{"gw1", "stranger"};
+  auto& [paths, certs, hub] = fleet;
+  fleet.gateway("gw1", "hub");
 
   SECTION("a certificate from another CA") {
     // A second fleet's CA issues "gw1"; the child trusts both CAs (so it can
@@ -346,16 +368,12 @@ TEST_CASE("children that cannot prove who they are, or are not registered here, 
 }
 
 TEST_CASE("a child sending as a device outside its subtree is refused", "[tree]") {
-  auto paths = canopy_paths::from_env();
-  fleet_certs certs{paths};
-  for (auto id : {"hub", "gw1", "gw2"})
-    certs.issue(id);
-  hub_node hub{paths, certs};
-  hub.start();
-  hub.must({"device", "create", "gw1", "--parent", "hub", "--kind", "gateway"});
-  hub.must({"device", "create", "gw2", "--parent", "hub", "--kind", "gateway"});
-  hub.must({"device", "create", "sensor-a", "--parent", "gw1", "--kind", "device", "--auth", "x509_ca"});
-  hub.must({"device", "create", "sensor-b", "--parent", "gw2", "--kind", "device", "--auth", "x509_ca"});
+  fleet_fixture fleet{"gw1", "gw2"};
+  auto& [paths, certs, hub] = fleet;
+  fleet.gateway("gw1", "hub");
+  fleet.gateway("gw2", "hub");
+  fleet.device("sensor-a", "gw1");
+  fleet.device("sensor-b", "gw2");
   canopy_node gw1{paths};
   start_gateway(gw1, "gw1", certs, hub.link_port, "hub");
   REQUIRE(wait_until([&] { return link_up(gw1, "parent", "hub"); }, 30s, 100ms));
@@ -375,14 +393,10 @@ TEST_CASE("a child sending as a device outside its subtree is refused", "[tree]"
 }
 
 TEST_CASE("a parent killed mid-stream: the child keeps the messages and delivers them in order", "[tree]") {
-  auto paths = canopy_paths::from_env();
-  fleet_certs certs{paths};
-  for (auto id : {"hub", "gw1"})
-    certs.issue(id);
-  hub_node hub{paths, certs};
-  hub.start();
-  hub.must({"device", "create", "gw1", "--parent", "hub", "--kind", "gateway"});
-  hub.must({"device", "create", "sensor-1", "--parent", "gw1", "--kind", "device", "--auth", "x509_ca"});
+  fleet_fixture fleet{"gw1"};
+  auto& [paths, certs, hub] = fleet;
+  fleet.gateway("gw1", "hub");
+  fleet.device("sensor-1", "gw1");
   canopy_node gw1{paths};
   start_gateway(gw1, "gw1", certs, hub.link_port, "hub");
   REQUIRE(wait_until([&] { return link_up(gw1, "parent", "hub"); }, 30s, 100ms));
@@ -475,16 +489,11 @@ std::string module_status_at_hub(const hub_node& hub, const std::string& id, con
 }  // namespace
 
 TEST_CASE("deployments, twins and methods travel three hops down and their results come back up", "[tree]") {
-  auto paths = canopy_paths::from_env();
-  fleet_certs certs{paths};
-  for (auto id : {"hub", "gw1", "gw2", "gw3"})
-    certs.issue(id);
-  hub_node hub{paths, certs};
-  hub.start();
-  hub.must({"device", "create", "gw1", "--parent", "hub", "--kind", "gateway", "--tag", "site=plant-1"});
-  hub.must({"device", "create", "gw2", "--parent", "gw1", "--kind", "gateway", "--tag", "site=plant-1"});
-  hub.must({"device", "create", "gw3", "--parent", "gw2", "--kind", "gateway", "--tag", "site=plant-1",
-            "--tag", "line=3"});
+  fleet_fixture fleet{"gw1", "gw2", "gw3"};
+  auto& [paths, certs, hub] = fleet;
+  fleet.gateway("gw1", "hub", {"site=plant-1"});
+  fleet.gateway("gw2", "gw1", {"site=plant-1"});
+  fleet.gateway("gw3", "gw2", {"site=plant-1", "line=3"});
   // Two deployments match gw3; the higher priority wins.
   auto plant = hub.node.write_manifest("plant.json", filter_manifest("filter", 25));
   auto line3 = hub.node.write_manifest("line3.json", filter_manifest("linefilter", 30));
@@ -552,5 +561,46 @@ TEST_CASE("deployments, twins and methods travel three hops down and their resul
   auto twin = parse_or_null(hub.ctl({"twin", "show", "gw3", "--module", "linefilter"}));
   CHECK(twin["properties"]["desired"].value("TemperatureThreshold", 0.0) == 42.0);
   CHECK(fleet_entry(hub, "gw3").value("parentId", "") == "gw2");
+  CHECK(hub.node.stop().value_or(-1) == 0);
+}
+
+TEST_CASE("with the hub away, gateways keep admitting their children from the cached registry and report later",
+          "[tree]") {
+  fleet_fixture fleet{"gw1", "gw2"};
+  auto& [paths, certs, hub] = fleet;
+  fleet.gateway("gw1", "hub", {"site=plant-1"});
+  fleet.gateway("gw2", "gw1", {"site=plant-1"});
+  auto plant = hub.node.write_manifest("plant.json", filter_manifest("filter", 25));
+  hub.must({"deployment", "create", "plant", "--manifest", plant, "--target-condition", "tags.site='plant-1'"});
+  canopy_node gw1{paths}, gw2{paths};
+  const int gw1_port = free_port();
+  start_gateway(gw1, "gw1", certs, hub.link_port, "hub", gw1_port);
+  start_gateway(gw2, "gw2", certs, gw1_port, "gw1");
+  REQUIRE(wait_until([&] { return module_status_at_hub(hub, "gw2", "filter") == "running"; }, 60s, 250ms));
+
+  // The hub goes away; gw1 restarts with nothing but its cache, and gw2 is
+  // admitted again.
+  CHECK(hub.node.stop().value_or(-1) == 0);
+  CHECK(gw1.stop().value_or(-1) == 0);
+  start_gateway(gw1, "gw1", certs, hub.link_port, "hub", gw1_port);
+  REQUIRE(wait_until([&] { return link_up(gw2, "parent", "gw1") && link_up(gw1, "child", "gw2"); }, 60s, 100ms));
+  CHECK_FALSE(link_up(gw1, "parent", "hub"));
+
+  // What changes meanwhile (an operator restarts gw2's module) reaches the
+  // hub once it is back.
+  auto restarts_at_hub = [&] {
+    auto n = fleet_entry(hub, "gw2");
+    for (auto& m : n.value("modules", nlohmann::json::array()))
+      if (m.value("name", "") == "filter")
+        return m.value("restartCount", -1);
+    return -1;
+  };
+  REQUIRE(gw2.ctl({"restart", "filter"}).exit_code == 0);
+  REQUIRE(gw2.wait_module("filter", [](const module_view& m) { return m.restart_count >= 1; }));
+  hub.start();
+  REQUIRE(wait_until([&] { return link_up(gw1, "parent", "hub"); }, 60s, 100ms));
+  REQUIRE(wait_until([&] { return restarts_at_hub() >= 1; }, 60s, 250ms));
+  CHECK(gw2.stop().value_or(-1) == 0);
+  CHECK(gw1.stop().value_or(-1) == 0);
   CHECK(hub.node.stop().value_or(-1) == 0);
 }
