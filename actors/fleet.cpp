@@ -8,6 +8,7 @@
 #include "runtime/registry.hpp"
 #include "runtime/router.hpp"
 #include "runtime/store_actor.hpp"
+#include "runtime/target_condition.hpp"
 
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
@@ -47,6 +48,7 @@ namespace {
 
 struct child_link_state {
   std::string child;
+  caf::weak_actor_ptr fleet;                          ///< told which devices sent (last seen)
   std::function<caf::actor()> router;
   std::shared_ptr<children_board> board;
   scope_set scope;                                    ///< null until the fleet sends it
@@ -73,7 +75,10 @@ void take_upload(child_link_actor* self, envelopes& batch, const reply_ptr<std::
   };
   auto p = std::make_shared<progress>();
   std::uint64_t refused = 0;
+  std::vector<std::string> senders;
   for (auto& env : batch) {
+    if (std::find(senders.begin(), senders.end(), env.device) == senders.end())
+      senders.push_back(env.device);
     if (st.scope->count(env.device) == 0) {
       ++refused;
       spdlog::warn("link: child '{}' sent a message as '{}', which is outside its subtree; refused",
@@ -87,6 +92,8 @@ void take_upload(child_link_actor* self, envelopes& batch, const reply_ptr<std::
     std::lock_guard<std::mutex> guard{st.board->mtx};
     st.board->refused_messages += refused;
   }
+  if (auto fleet = caf::actor_cast<caf::actor>(st.fleet.lock()))
+    self->send(fleet, atoms::tick::value, std::move(senders));
   if (p->waiting == 0) {
     (*done)(std::uint32_t{0});
     return;
@@ -111,10 +118,11 @@ void take_upload(child_link_actor* self, envelopes& batch, const reply_ptr<std::
   }
 }
 
-caf::behavior child_link_impl(child_link_actor* self, std::string child, std::function<caf::actor()> router,
-                              std::shared_ptr<children_board> board) {
+caf::behavior child_link_impl(child_link_actor* self, std::string child, caf::weak_actor_ptr fleet,
+                              std::function<caf::actor()> router, std::shared_ptr<children_board> board) {
   auto& st = self->state;
   st.child = std::move(child);
+  st.fleet = std::move(fleet);
   st.router = std::move(router);
   st.board = std::move(board);
   return {
@@ -160,6 +168,7 @@ struct fleet_state {
   std::string applied_status;  ///< "" | applying | succeeded | failed
   std::string applied_detail;
   std::int64_t applied_version = 0;
+  std::map<std::string, std::int64_t> seen;  ///< devices heard from since the last tick
 
   static inline const char* name = "fleet";
 };
@@ -536,8 +545,10 @@ caf::behavior fleet_impl(fleet_actor* self, fleet_config cfg) {
       }
   });
   self->attach_functor([self] {
-    for (auto& [id, c] : self->state.children)
+    for (auto& [id, c] : self->state.children) {
       c.channel->close("the parent's fleet service stopped");
+      caf::anon_send_exit(c.link, caf::exit_reason::user_shutdown);
+    }
   });
   {
     // Continue from what this node reported last (its applied deployment),
@@ -579,7 +590,8 @@ caf::behavior fleet_impl(fleet_actor* self, fleet_config cfg) {
         self->send_exit(old->second.link, caf::exit_reason::user_shutdown);
         st.children.erase(old);
       }
-      auto link = self->spawn(child_link_impl, child, st.cfg.router, st.cfg.board);
+      auto link = self->spawn(child_link_impl, child, caf::actor_cast<caf::weak_actor_ptr>(self->ctrl()),
+                              st.cfg.router, st.cfg.board);
       self->monitor(link);
       auto& c = st.children[child];
       c.channel = std::move(channel);
@@ -704,8 +716,17 @@ caf::behavior fleet_impl(fleet_actor* self, fleet_config cfg) {
       if (up)
         resync_up(self);
     },
+    [self](atoms::tick, std::vector<std::string>& senders) {
+      auto& st = self->state;
+      const auto now = st.cfg.clk->wall_ms();
+      for (auto& d : senders)
+        st.seen[d] = now;
+    },
     [self](atoms::tick) {
       auto& st = self->state;
+      for (auto& [device, ms] : st.seen)
+        (void)st.cfg.registry->touch_last_seen(device, ms);  // devices outside the registry: ignored
+      st.seen.clear();
       report_own(self);
       flush_up(self);
       send_later(self, *st.cfg.clk, st.cfg.report_interval, atoms::tick::value);
@@ -894,24 +915,32 @@ void fleet_bridge::device_set_tags(std::string id, nlohmann::json tags, reply_fn
 
 namespace {
 
-/// A deployment with where it stands (hub).
+/// A deployment with where it stands (hub), as Azure counts it: targeted =
+/// the gateways its condition matches; applied = those it is the chosen
+/// (highest-priority) deployment of; succeeded / failed = those of the applied
+/// that reported so for it.
 expected<deployment_summary> summarize(fleet_actor* self, deployment_record d,
-                                       const std::map<std::string, std::string>& assigned) {
+                                       const std::map<std::string, std::string>& assigned,
+                                       const std::vector<device_record>& devices) {
   auto& reg = *self->state.cfg.registry;
   deployment_summary out;
+  if (auto cond = target_condition::compile(d.target_condition))
+    for (auto& dev : devices)
+      if (dev.kind == "gateway" && cond->matches(dev.id, dev.tags))
+        out.targeted.push_back(dev.id);
   for (auto& [gw, id] : assigned)
     if (id == d.id)
-      out.targeted.push_back(gw);
+      out.applied.push_back(gw);
   auto statuses = reg.statuses_of(d.id);
   if (!statuses)
     return std::move(statuses).err();
   for (auto& s : *statuses) {
+    if (std::find(out.applied.begin(), out.applied.end(), s.device) == out.applied.end())
+      continue;  // moved to another deployment since
     if (s.status == "succeeded")
       out.succeeded.push_back(s.device);
     else if (s.status == "failed")
       out.failed.push_back(s.device);
-    else
-      out.applied.push_back(s.device);
   }
   out.statuses = std::move(*statuses);
   out.deployment = std::move(d);
@@ -949,9 +978,12 @@ void fleet_bridge::deployment_list(reply_fn<std::vector<deployment_summary>> don
     auto assigned = reg.assignments();
     if (!assigned)
       return (*g)(std::move(assigned).err());
+    auto devices = reg.list_devices();
+    if (!devices)
+      return (*g)(std::move(devices).err());
     std::vector<deployment_summary> out;
     for (auto& d : *deps) {
-      auto s = summarize(self, std::move(d), *assigned);
+      auto s = summarize(self, std::move(d), *assigned, *devices);
       if (!s)
         return (*g)(std::move(s).err());
       out.push_back(std::move(*s));
@@ -969,7 +1001,10 @@ void fleet_bridge::deployment_get(std::string id, reply_fn<deployment_summary> d
     auto assigned = reg.assignments();
     if (!assigned)
       return (*g)(std::move(assigned).err());
-    (*g)(summarize(self, std::move(*d), *assigned));
+    auto devices = reg.list_devices();
+    if (!devices)
+      return (*g)(std::move(devices).err());
+    (*g)(summarize(self, std::move(*d), *assigned, *devices));
   });
 }
 

@@ -21,10 +21,10 @@ namespace canopy {
 /// A deployment with where it applies (`canopyctl deployment show`).
 struct deployment_summary {
   deployment_record deployment;
-  std::vector<std::string> targeted;   ///< gateways it is the chosen deployment of now
-  std::vector<std::string> applied;    ///< sent and not yet reported back
-  std::vector<std::string> succeeded;  ///< reported every module as applied
-  std::vector<std::string> failed;     ///< reported a failure (detail in statuses)
+  std::vector<std::string> targeted;   ///< gateways its target condition matches
+  std::vector<std::string> applied;    ///< of those, the ones it is the chosen (highest-priority) deployment of
+  std::vector<std::string> succeeded;  ///< of the applied, those that reported it applied
+  std::vector<std::string> failed;     ///< of the applied, those that reported a failure (detail in statuses)
   std::vector<deployment_status> statuses;
 };
 

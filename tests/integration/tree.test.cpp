@@ -44,6 +44,13 @@ int free_port() {
 
 std::string loopback(int port) { return "127.0.0.1:" + std::to_string(port); }
 
+nlohmann::json parse_or_null(const run_result& r) {
+  if (r.exit_code != 0)
+    return {};
+  auto j = nlohmann::json::parse(r.output, nullptr, false);
+  return j.is_discarded() ? nlohmann::json{} : j;
+}
+
 /// A plain HTTP GET on 127.0.0.1:port; the whole answer (headers and body).
 std::string http_get(int port, const std::string& path) {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -299,6 +306,13 @@ TEST_CASE("a grandchild's telemetry reaches the hub over two mutually authentica
     by_id[n.value("deviceId", "")] = n;
   CHECK(by_id["gw1"].value("connected", false));
   CHECK(by_id["gw2"].value("parentId", "") == "gw1");
+  // The hub saw the leaf device's telemetry (its last-seen time is kept once a second).
+  CHECK(wait_until([&] {
+    for (auto& n : parse_or_null(hub.ctl({"status", "--json"})))
+      if (n.value("deviceId", "") == "sensor-1")
+        return n.value("lastSeenMs", std::int64_t{0}) > 0;
+    return false;
+  }, 10s, 200ms));
 
   CHECK(gw2.stop().value_or(-1) == 0);
   CHECK(gw1.stop().value_or(-1) == 0);
@@ -458,12 +472,6 @@ nlohmann::json filter_manifest(const std::string& module, double threshold) {
             {module, {{"properties.desired", {{"TemperatureThreshold", threshold}}}}}}}};
 }
 
-nlohmann::json parse_or_null(const run_result& r) {
-  if (r.exit_code != 0)
-    return {};
-  auto j = nlohmann::json::parse(r.output, nullptr, false);
-  return j.is_discarded() ? nlohmann::json{} : j;
-}
 
 /// The node's entry in the hub's `status --json`.
 nlohmann::json fleet_entry(const hub_node& hub, const std::string& id) {
@@ -549,6 +557,15 @@ TEST_CASE("deployments, twins and methods travel three hops down and their resul
   REQUIRE(gw3.wait_module("p2filter", [](const module_view& m) { return m.status == "running"; }, 60s));
   REQUIRE(wait_until([&] { return fleet_entry(hub, "gw3").value("deployment", "") == "plant2"; }, 30s, 250ms));
   REQUIRE(wait_until([&] { return module_status_at_hub(hub, "gw3", "p2filter") == "running"; }, 60s, 250ms));
+  // line3 no longer counts gw3; plant2 does.
+  auto line3_now = parse_or_null(hub.ctl({"deployment", "show", "line3", "--json"}));
+  CHECK(line3_now.value("applied", nlohmann::json::array()).empty());
+  CHECK(line3_now.value("succeeded", nlohmann::json::array()).empty());
+  REQUIRE(wait_until([&] {
+    auto d = parse_or_null(hub.ctl({"deployment", "show", "plant2", "--json"}));
+    auto ok = d.value("succeeded", nlohmann::json::array());
+    return std::find(ok.begin(), ok.end(), "gw3") != ok.end();
+  }, 60s, 250ms));
 
   CHECK(gw3.stop().value_or(-1) == 0);
   CHECK(gw2.stop().value_or(-1) == 0);
