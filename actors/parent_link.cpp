@@ -94,11 +94,12 @@ void give_back(link_actor* self) {
   st.pending.clear();
   st.pending_tokens.clear();
   st.inflight.clear();
-  if (st.waiting_resume)
+  // Not announced yet: no router was nacked, so no (resume) will come; the
+  // router hands everything over again once we announce ourselves.
+  if (st.waiting_resume || !st.announced_to)
     return;
   st.waiting_resume = true;
-  if (st.announced_to)
-    self->send(st.announced_to, atoms::nack::value, std::string{upstream_endpoint});
+  self->send(st.announced_to, atoms::nack::value, std::string{upstream_endpoint});
 }
 
 void start_connect(link_actor* self) {
@@ -238,13 +239,18 @@ caf::behavior parent_link_impl(link_actor* self, parent_link_config cfg) {
       st.up = false;
       st.connecting = false;
       update_board(self, false, error);
-      if (was_up)
+      // The node stops its link client before its actors: that is no failure.
+      const bool stopping = error.rfind("the link client is stopped", 0) == 0;
+      if (stopping || error.rfind("closed", 0) == 0)
+        spdlog::info("parent link: the connection to '{}' was closed", st.cfg.parent_id);
+      else if (was_up)
         spdlog::warn("parent link: lost the connection to '{}': {}", st.cfg.parent_id, error);
       else
         spdlog::warn("parent link: cannot connect to '{}': {}", st.cfg.parent_id, error);
       if (!st.pending.empty() || !st.inflight.empty())
         give_back(self);
-      schedule_reconnect(self);
+      if (!stopping)
+        schedule_reconnect(self);
       if (was_up && st.cfg.on_state)
         st.cfg.on_state(false);
     },

@@ -1,24 +1,36 @@
 // bench-chain: throughput of 100-byte telemetry through a three-hop chain of
-// real canopy processes on loopback — leaf device (`canopyctl send --stdin`,
+// real canopy processes on loopback — a leaf device (`canopyctl send --stdin`,
 // as a device's program) → gateway gw-b → gateway gw-a → hub, mutually
-// authenticated TLS links, every hop durable (each gateway's router commits a
-// message before its parent is asked for it; the hub commits it to its
-// telemetry store) — against a chain of three mosquitto brokers on the same
-// machine, C → B → A, bridged with QoS 1 (plain TCP, persistence off: not
-// durable), a libmosquitto publisher on C (QoS 1, a window of messages in
-// flight) and a subscriber on A (QoS 1). Same bodies on both sides.
+// authenticated TLS links — against a chain of three mosquitto brokers on the
+// same machine, C → B → A, bridged with QoS 1 (plain TCP, persistence off), a
+// libmosquitto publisher on C (QoS 1, a window of messages in flight) and a
+// subscriber on A (QoS 1). The same bodies on both sides.
 //
-// canopy: from spawning the sender until the hub's router counts N deliveries
-// acknowledged by its telemetry store (`sent`, polled over the hub's control
-// socket). mosquitto: from the first publish until the subscriber on A has
-// received the N-th message.
-//   RESULT bench-chain canopy_msg_s=... mosquitto_msg_s=... ratio=... messages=N hops=3
+// Durable at every hop: a canopy node answers its sender (the device's
+// program, or the child whose upload it took) only once the message is
+// committed to its store (SQLite WAL, synchronous=FULL) or its own parent has
+// answered for it (the router does not write a message its receiver
+// acknowledged within the commit interval); the hub commits every message to
+// its telemetry store. The mosquitto chain holds messages in memory only.
 //
-// Options (--name=value): --messages=N (each side), --window=N (canopyctl
-// send's window and the publisher's in-flight window), --senders=K (parallel
-// `canopyctl send` processes, each its own leaf device), --mqtt-inflight=N
-// (the brokers' max_inflight_messages), --rounds=N (best of N, each side).
-// The programs: CANOPY_BIN / CANOPYCTL_BIN, else the build's.
+// canopy: from spawning the senders until the hub's router counts N
+// deliveries acknowledged by its telemetry store (`sent`, polled every 5 ms
+// over the hub's control socket). mosquitto: from the first publish until the
+// subscriber on A has received the N-th message. Rounds alternate between the
+// two chains; the best round of each counts. Then, unless --split=0, the
+// canopy chain's halves apart: with gw-a stopped the senders' messages stay
+// at gw-b (ingress alone: until every sender has all its answers), then gw-a
+// comes back and gw-b's stored backlog goes up to the hub (forwarding alone:
+// from gw-b's link being up again until the hub has them all).
+//   RESULT bench-chain canopy_msg_s=... mosquitto_msg_s=... ratio=... messages=N hops=3 ...
+//
+// Options (--name=value): --messages=N (each side, each round), --window=N
+// (canopyctl send's window and the publisher's in-flight window), --senders=K
+// (parallel `canopyctl send` processes, each its own leaf device),
+// --mqtt-inflight=N (the brokers' max_inflight_messages), --rounds=N,
+// --node-threads=N (each canopy node's --threads; 0 = its default),
+// --split=0|1. The programs: $CANOPY_BIN / $CANOPYCTL_BIN, else the build's;
+// mosquitto: /usr/sbin/mosquitto (Debian's `mosquitto`).
 #include "bench/bench_common.hpp"
 #include "gateway/control_client.hpp"
 #include "integration/process.hpp"
@@ -256,8 +268,8 @@ class canopy_chain {
     const int hub_link = free_port(), api = free_port();
     gwa_link_ = free_port();
     start(hub_, "hub", {"--role", "hub", "--link-listen", loopback(hub_link), "--api-listen", loopback(api)});
-    wait_or_fail([&] { return std::filesystem::exists(hub_.data + "/api-token") && port_accepts(api); }, 20s,
-                 "the hub's REST API");
+    wait_or_fail([&] { return running(hub_) && std::filesystem::exists(hub_.data + "/api-token") && port_accepts(api); },
+                 20s, "the hub's REST API");
     std::vector<std::string> hub_ctl{progs_.canopyctl, "--hub",   "https://" + loopback(api),
                                      "--hub-id",       "hub",     "--ca",
                                      certs_ + "/ca.crt", "--token-file", hub_.data + "/api-token",
@@ -275,9 +287,9 @@ class canopy_chain {
     gwa_args_ = {"--parent", loopback(hub_link), "--parent-id", "hub", "--link-listen", loopback(gwa_link_)};
     start(gwa_, "gw-a", gwa_args_);
     start(gwb_, "gw-b", {"--parent", loopback(gwa_link_), "--parent-id", "gw-a"});
-    wait_or_fail([&] { return parent_link_up(gwa_.socket); }, 30s, "gw-a's link to the hub", 100ms);
+    wait_or_fail([&] { return running(gwa_) && parent_link_up(gwa_.socket); }, 30s, "gw-a's link to the hub", 100ms);
     // gw-b is admitted once gw-a has its registry scope from the hub.
-    wait_or_fail([&] { return parent_link_up(gwb_.socket); }, 60s, "gw-b's link to gw-a", 100ms);
+    wait_or_fail([&] { return running(gwb_) && parent_link_up(gwb_.socket); }, 60s, "gw-b's link to gw-a", 100ms);
   }
 
   ~canopy_chain() {
@@ -297,9 +309,12 @@ class canopy_chain {
   const canopy_process& gwa() const { return gwa_; }
   const canopy_process& gwb() const { return gwb_; }
 
-  /// Pids, for CPU accounting: hub, gw-a, gw-b.
+  /// Pids, for CPU accounting: hub, gw-a, gw-b (0 for one stopped).
   std::vector<pid_t> pids() {
-    return {hub_.proc->get().pid(), gwa_.proc->get().pid(), gwb_.proc->get().pid()};
+    std::vector<pid_t> out;
+    for (auto* n : {&hub_, &gwa_, &gwb_})
+      out.push_back(n->proc ? n->proc->get().pid() : 0);
+    return out;
   }
 
   /// Stops gw-a (SIGTERM; gw-b keeps what it gets and retries its link).
@@ -315,15 +330,25 @@ class canopy_chain {
   /// Fails, with the node's log, if one of them exited.
   void check_alive() {
     for (auto* n : {&hub_, &gwa_, &gwb_})
-      if (!n->proc->get().running())
-        fail("canopy node " + n->id + " exited:\n" + n->proc->output_tail());
+      running(*n);
   }
 
  private:
   void ctl_ok(const std::vector<std::string>& argv) {
     auto r = test::run(argv, 30s);
-    if (r.exit_code != 0)
-      fail(argv[1] + " " + argv[2] + " failed:\n" + r.output);
+    if (r.exit_code != 0) {
+      std::string cmd;
+      for (const auto& a : argv)
+        cmd += (cmd.empty() ? "" : " ") + a;
+      fail(cmd + " failed:\n" + r.output);
+    }
+  }
+
+  /// True if `n` runs; fails with its log if it exited.
+  static bool running(canopy_process& n) {
+    if (!n.proc || !n.proc->get().running())
+      fail("canopy node " + n.id + " exited:\n" + (n.proc ? n.proc->output_tail() : std::string{}));
+    return true;
   }
 
   void start(canopy_process& n, const std::string& id, std::vector<std::string> extra) {
@@ -350,8 +375,10 @@ class canopy_chain {
   canopy_process hub_, gwa_, gwb_;
 };
 
-/// utime + stime of `pid` in clock ticks, from /proc/PID/stat (0 if gone).
+/// utime + stime of `pid` in clock ticks, from /proc/PID/stat (0 if gone or 0).
 long cpu_ticks(pid_t pid) {
+  if (pid <= 0)
+    return 0;
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
   std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   auto close = stat.rfind(')');
@@ -578,7 +605,10 @@ split_figures run_split(canopy_chain& chain, const std::vector<std::string>& fil
   }
   chain.restart_gwa();
   // gw-b retries with its backoff (up to a few seconds here).
-  wait_or_fail([&] { return parent_link_up(chain.gwb().socket); }, 40s, "gw-b's link to gw-a to return", 5ms);
+  wait_or_fail([&] {
+    chain.check_alive();
+    return parent_link_up(chain.gwb().socket);
+  }, 40s, "gw-b's link to gw-a to return", 5ms);
   hub_counter hub(chain.hub().socket);
   cpu_meter cpu(chain.pids());
   const auto t_up = bench_clock::now();
@@ -842,7 +872,24 @@ mosquitto_figures run_mosquitto(mosquitto_chain& chain, mqtt_client& pub, mqtt_c
   return f;
 }
 
+/// mosquitto_lib_init() for the object's lifetime.
+struct mosquitto_library {
+  mosquitto_library() { mosquitto_lib_init(); }
+  ~mosquitto_library() { mosquitto_lib_cleanup(); }
+  mosquitto_library(const mosquitto_library&) = delete;
+  mosquitto_library& operator=(const mosquitto_library&) = delete;
+};
+
+/// The 1-minute load average (/proc/loadavg), or -1.
+double load_average() {
+  std::ifstream in("/proc/loadavg");
+  double v = -1;
+  in >> v;
+  return v;
+}
+
 int run(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines as they come, also into a pipe
   const long messages = bench::arg(argc, argv, "messages", 20000);
   const long window = bench::arg(argc, argv, "window", 1024);
   const long senders = bench::arg(argc, argv, "senders", 1);
@@ -865,60 +912,54 @@ int run(int argc, char** argv) {
   std::printf("bench-chain: %ld messages of %zu bytes per round, best of %ld rounds, window %ld, %ld sender(s)\n",
               total, body_size, rounds, window, senders);
 
-  // mosquitto first: its brokers are gone before the canopy nodes start.
-  mosquitto_figures best_mq;
-  {
-    mosquitto_lib_init();
-    mosquitto_chain mq(mqtt_inflight);
-    {
-      mqtt_client sub("bench-sub", mq.port_a, mqtt_inflight);
-      sub.subscribe("telemetry/#");
-      mqtt_client pub("bench-pub", mq.port_c, window);
-      // The bridges connect on their own: publish until one message gets through.
-      wait_or_fail([&] {
-        pub.publish("telemetry/warmup", "warm-up", window);
-        return sub.received("telemetry/warmup") > 0;
-      }, 20s, "the mosquitto bridges C -> B -> A", 100ms);
-      for (long r = 1; r <= rounds; ++r) {
-        auto f = run_mosquitto(mq, pub, sub, total, window, r);
-        std::printf("mosquitto round %ld: %.0f msg/s (%.2f s); CPU %% of a core: A %.0f, B %.0f, C %.0f, "
-                    "clients %.0f\n",
-                    r, f.msg_s, f.seconds, f.cpu_percent[0], f.cpu_percent[1], f.cpu_percent[2],
-                    f.cpu_percent[3]);
-        if (f.msg_s > best_mq.msg_s)
-          best_mq = f;
-      }
-    }
-    mosquitto_lib_cleanup();
-  }
+  std::printf("load average (1 min) at start: %.2f (other work on the machine slows both sides)\n",
+              load_average());
+  mosquitto_library lib;
+  mosquitto_chain mq(mqtt_inflight);
+  canopy_chain chain(progs, senders, node_threads);
+  std::printf("mosquitto: A <- B <- C bridged (QoS 1); canopy: hub <- gw-a <- gw-b linked (TLS)%s\n",
+              node_threads > 0 ? (", --threads " + std::to_string(node_threads)).c_str() : "");
+  mqtt_client sub("bench-sub", mq.port_a, mqtt_inflight);
+  sub.subscribe("telemetry/#");
+  mqtt_client pub("bench-pub", mq.port_c, window);
+  // The bridges connect on their own: publish until one message gets through.
+  wait_or_fail([&] {
+    pub.publish("telemetry/warmup", "warm-up", window);
+    return sub.received("telemetry/warmup") > 0;
+  }, 20s, "the mosquitto bridges C -> B -> A", 100ms);
+  auto files = write_body_files(chain, per_sender, senders);
 
+  // Rounds alternate between the two chains, so that a change in the
+  // machine's load hits both alike.
+  mosquitto_figures best_mq;
   canopy_figures best_cn;
-  std::optional<split_figures> split;
-  {
-    canopy_chain chain(progs, senders, node_threads);
-    std::printf("canopy: hub <- gw-a <- gw-b up (TLS links)%s\n",
-                node_threads > 0 ? (", --threads " + std::to_string(node_threads)).c_str() : "");
-    auto files = write_body_files(chain, per_sender, senders);
-    for (long r = 1; r <= rounds; ++r) {
-      auto f = run_canopy(chain, files, per_sender, window);
-      std::printf("canopy round %ld: %.0f msg/s (%.2f s; senders done at %.0f msg/s); CPU %% of a core: hub %.0f, "
-                  "gw-a %.0f, gw-b %.0f, canopyctl send %.0f; commits hub %llu, gw-a %llu, gw-b %llu\n",
-                  r, f.msg_s, f.seconds, f.producer_msg_s, f.cpu_percent[0], f.cpu_percent[1], f.cpu_percent[2],
-                  f.cpu_percent[3], static_cast<unsigned long long>(f.commits_hub),
-                  static_cast<unsigned long long>(f.commits_gwa), static_cast<unsigned long long>(f.commits_gwb));
-      if (f.msg_s > best_cn.msg_s)
-        best_cn = f;
-    }
-    if (with_split) {
-      split = run_split(chain, files, per_sender, window);
-      std::printf("canopy apart: ingress alone (senders -> gw-b, durable there; gw-a down) %.0f msg/s, CPU %% gw-b "
-                  "%.0f, canopyctl send %.0f\n",
-                  split->ingress_msg_s, split->ingress_cpu[0], split->ingress_cpu[1]);
-      std::printf("canopy apart: forwarding alone (gw-b's stored backlog -> gw-a -> hub, from the link's return) "
-                  "%.0f msg/s, CPU %% hub %.0f, gw-a %.0f, gw-b %.0f\n",
-                  split->forward_msg_s, split->forward_cpu[0], split->forward_cpu[1], split->forward_cpu[2]);
-    }
+  for (long r = 1; r <= rounds; ++r) {
+    auto m = run_mosquitto(mq, pub, sub, total, window, r);
+    std::printf("mosquitto round %ld: %.0f msg/s (%.2f s); CPU %% of a core: A %.0f, B %.0f, C %.0f, "
+                "publisher and subscriber %.0f\n",
+                r, m.msg_s, m.seconds, m.cpu_percent[0], m.cpu_percent[1], m.cpu_percent[2], m.cpu_percent[3]);
+    if (m.msg_s > best_mq.msg_s)
+      best_mq = m;
+    auto f = run_canopy(chain, files, per_sender, window);
+    std::printf("canopy round %ld: %.0f msg/s (%.2f s; senders done at %.0f msg/s); CPU %% of a core: hub %.0f, "
+                "gw-a %.0f, gw-b %.0f, canopyctl send %.0f; commits hub %llu, gw-a %llu, gw-b %llu\n",
+                r, f.msg_s, f.seconds, f.producer_msg_s, f.cpu_percent[0], f.cpu_percent[1], f.cpu_percent[2],
+                f.cpu_percent[3], static_cast<unsigned long long>(f.commits_hub),
+                static_cast<unsigned long long>(f.commits_gwa), static_cast<unsigned long long>(f.commits_gwb));
+    if (f.msg_s > best_cn.msg_s)
+      best_cn = f;
   }
+  std::optional<split_figures> split;
+  if (with_split) {
+    split = run_split(chain, files, per_sender, window);
+    std::printf("canopy apart: ingress alone (senders -> gw-b, durable there; gw-a down) %.0f msg/s, CPU %% gw-b "
+                "%.0f, canopyctl send %.0f\n",
+                split->ingress_msg_s, split->ingress_cpu[0], split->ingress_cpu[1]);
+    std::printf("canopy apart: forwarding alone (gw-b's stored backlog -> gw-a -> hub, from the link's return) "
+                "%.0f msg/s, CPU %% hub %.0f, gw-a %.0f, gw-b %.0f\n",
+                split->forward_msg_s, split->forward_cpu[0], split->forward_cpu[1], split->forward_cpu[2]);
+  }
+  std::printf("load average (1 min) at the end: %.2f\n", load_average());
 
   std::printf("canopy is durable at every hop (SQLite WAL, synchronous=FULL) over mutually authenticated TLS; the "
               "mosquitto chain keeps messages in memory only (persistence off) over plain TCP\n");

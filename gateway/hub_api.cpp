@@ -346,7 +346,7 @@ expected<json> parse_object(const std::string& body) {
   json doc;
   try {
     doc = json::parse(body);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number overflow
     std::string what = e.what();
     // "[json.exception.parse_error.101] parse error at ..." -> "parse error at ..."
     if (auto close = what.find("] ");
@@ -695,8 +695,23 @@ http_handler guarded(std::function<void(http_request&, reply_t&)> body) {
 
 // --- Handlers ----------------------------------------------------------------------
 
-void devices_routes(http_server& server, hub_control& hub) {
-  server.route("POST", "/devices", guarded([&hub](http_request& req, reply_t& reply) {
+/// The API's routes, collected before they go to an http_server (add_hub_routes)
+/// or are matched without one (handle_hub_request).
+struct route_table {
+  struct entry {
+    std::string method;
+    std::string prefix;
+    http_handler handler;
+  };
+  std::vector<entry> entries;
+
+  void route(std::string method, std::string prefix, http_handler handler) {
+    entries.push_back(entry{std::move(method), std::move(prefix), std::move(handler)});
+  }
+};
+
+void devices_routes(route_table& routes, hub_control& hub) {
+  routes.route("POST", "/devices", guarded([&hub](http_request& req, reply_t& reply) {
                  auto doc = parse_object(req.body);
                  if (!doc)
                    return reply(error_response(doc.err()));
@@ -706,11 +721,11 @@ void devices_routes(http_server& server, hub_control& hub) {
                  hub.device_create(std::move(*rec),
                                    answer<device_record>(std::move(reply), 201, device_json));
                }));
-  server.route(
+  routes.route(
     "GET", "/devices", guarded([&hub](http_request&, reply_t& reply) {
       hub.device_list(answer<std::vector<device_record>>(std::move(reply), 200, devices_json));
     }));
-  server.route("GET", "/devices/", guarded([&hub](http_request& req, reply_t& reply) {
+  routes.route("GET", "/devices/", guarded([&hub](http_request& req, reply_t& reply) {
                  auto seg = segments_after(req.path, "/devices/");
                  if (seg.empty()) {
                    return hub.device_list(
@@ -724,7 +739,7 @@ void devices_routes(http_server& server, hub_control& hub) {
                  hub.device_get(std::move(*id),
                                 answer<device_record>(std::move(reply), 200, device_json));
                }));
-  server.route("DELETE", "/devices/", guarded([&hub](http_request& req, reply_t& reply) {
+  routes.route("DELETE", "/devices/", guarded([&hub](http_request& req, reply_t& reply) {
                  auto seg = segments_after(req.path, "/devices/");
                  if (seg.size() != 1)
                    return reply(no_such_resource(req));
@@ -733,7 +748,7 @@ void devices_routes(http_server& server, hub_control& hub) {
                    return reply(error_response(id.err()));
                  hub.device_delete(std::move(*id), answer_no_content(std::move(reply)));
                }));
-  server.route("PUT", "/devices/", guarded([&hub](http_request& req, reply_t& reply) {
+  routes.route("PUT", "/devices/", guarded([&hub](http_request& req, reply_t& reply) {
                  auto seg = segments_after(req.path, "/devices/");
                  if (seg.size() != 2 || seg[1] != "tags")
                    return reply(no_such_resource(req));
@@ -750,7 +765,7 @@ void devices_routes(http_server& server, hub_control& hub) {
                                      answer<device_record>(std::move(reply), 200, device_json));
                }));
   // POST /devices/{device}/modules/{module}/methods: a direct method (Azure's invoke API).
-  server.route("POST", "/devices/", guarded([&hub](http_request& req, reply_t& reply) {
+  routes.route("POST", "/devices/", guarded([&hub](http_request& req, reply_t& reply) {
                  auto seg = segments_after(req.path, "/devices/");
                  if (seg.size() != 4 || seg[1] != "modules" || seg[3] != "methods")
                    return reply(no_such_resource(req));
@@ -775,8 +790,8 @@ void devices_routes(http_server& server, hub_control& hub) {
                }));
 }
 
-void deployments_routes(http_server& server, hub_control& hub) {
-  server.route("POST", "/deployments", guarded([&hub](http_request& req, reply_t& reply) {
+void deployments_routes(route_table& routes, hub_control& hub) {
+  routes.route("POST", "/deployments", guarded([&hub](http_request& req, reply_t& reply) {
                  auto doc = parse_object(req.body);
                  if (!doc)
                    return reply(error_response(doc.err()));
@@ -790,9 +805,9 @@ void deployments_routes(http_server& server, hub_control& hub) {
     hub.deployment_list(
       answer<std::vector<deployment_summary>>(std::move(reply), 200, summaries_json));
   };
-  server.route("GET", "/deployments",
+  routes.route("GET", "/deployments",
                guarded([list](http_request&, reply_t& reply) { list(std::move(reply)); }));
-  server.route(
+  routes.route(
     "GET", "/deployments/", guarded([&hub, list](http_request& req, reply_t& reply) {
       auto seg = segments_after(req.path, "/deployments/");
       if (seg.empty())
@@ -804,7 +819,7 @@ void deployments_routes(http_server& server, hub_control& hub) {
           error_response(bad("path: deployment id '" + seg[0] + "': " + std::string(id_rule))));
       hub.deployment_get(seg[0], answer<deployment_summary>(std::move(reply), 200, summary_json));
     }));
-  server.route("DELETE", "/deployments/", guarded([&hub](http_request& req, reply_t& reply) {
+  routes.route("DELETE", "/deployments/", guarded([&hub](http_request& req, reply_t& reply) {
                  auto seg = segments_after(req.path, "/deployments/");
                  if (seg.size() != 1)
                    return reply(no_such_resource(req));
@@ -831,15 +846,15 @@ expected<std::pair<std::string, std::string>> twin_target(const http_request& re
   return std::make_pair(std::move(*device), std::move(*module));
 }
 
-void twins_routes(http_server& server, hub_control& hub) {
-  server.route("GET", "/twins/", guarded([&hub](http_request& req, reply_t& reply) {
+void twins_routes(route_table& routes, hub_control& hub) {
+  routes.route("GET", "/twins/", guarded([&hub](http_request& req, reply_t& reply) {
                  auto target = twin_target(req);
                  if (!target)
                    return reply(error_response(target.err()));
                  hub.twin_get(std::move(target->first), std::move(target->second),
                               answer<twin_record>(std::move(reply), 200, twin_json));
                }));
-  server.route("PATCH", "/twins/", guarded([&hub](http_request& req, reply_t& reply) {
+  routes.route("PATCH", "/twins/", guarded([&hub](http_request& req, reply_t& reply) {
                  auto target = twin_target(req);
                  if (!target)
                    return reply(error_response(target.err()));
@@ -855,11 +870,11 @@ void twins_routes(http_server& server, hub_control& hub) {
                }));
 }
 
-void fleet_routes(http_server& server, hub_control& hub) {
-  server.route("GET", "/status", guarded([&hub](http_request&, reply_t& reply) {
+void fleet_routes(route_table& routes, hub_control& hub) {
+  routes.route("GET", "/status", guarded([&hub](http_request&, reply_t& reply) {
                  hub.status(answer<std::vector<fleet_node>>(std::move(reply), 200, fleet_json));
                }));
-  server.route("GET", "/telemetry", guarded([&hub](http_request& req, reply_t& reply) {
+  routes.route("GET", "/telemetry", guarded([&hub](http_request& req, reply_t& reply) {
                  auto q = parse_telemetry_query(req);
                  if (!q)
                    return reply(error_response(q.err()));
@@ -869,13 +884,65 @@ void fleet_routes(http_server& server, hub_control& hub) {
                }));
 }
 
+route_table hub_route_table(hub_control& hub) {
+  route_table routes;
+  devices_routes(routes, hub);
+  deployments_routes(routes, hub);
+  twins_routes(routes, hub);
+  fleet_routes(routes, hub);
+  return routes;
+}
+
+/// http_server's matching: a prefix ending in '/' covers every path under it,
+/// any other prefix that exact path.
+bool prefix_matches(std::string_view prefix, std::string_view path) {
+  if (!prefix.empty() && prefix.back() == '/')
+    return path.substr(0, prefix.size()) == prefix;
+  return path == prefix;
+}
+
 }  // namespace
 
 void add_hub_routes(http_server& server, hub_control& hub) {
-  devices_routes(server, hub);
-  deployments_routes(server, hub);
-  twins_routes(server, hub);
-  fleet_routes(server, hub);
+  for (auto& e : hub_route_table(hub).entries)
+    server.route(std::move(e.method), std::move(e.prefix), std::move(e.handler));
+}
+
+void handle_hub_request(hub_control& hub, http_request req,
+                        std::function<void(http_response)> reply) {
+  auto table = hub_route_table(hub);
+  auto best_for = [&](const std::string& method) -> const route_table::entry* {
+    const route_table::entry* best = nullptr;
+    for (const auto& e : table.entries) {
+      if (e.method == method && prefix_matches(e.prefix, req.path) &&
+          (best == nullptr || e.prefix.size() > best->prefix.size()))
+        best = &e;
+    }
+    return best;
+  };
+  const auto* found = best_for(req.method);
+  if (found == nullptr && req.method == "HEAD")
+    found = best_for("GET");
+  if (found != nullptr) {
+    found->handler(std::move(req), std::move(reply));
+    return;
+  }
+  std::vector<std::string> allowed;
+  for (const auto& e : table.entries) {
+    if (prefix_matches(e.prefix, req.path) &&
+        std::find(allowed.begin(), allowed.end(), e.method) == allowed.end())
+      allowed.push_back(e.method);
+  }
+  if (allowed.empty())
+    return reply(error_response(404, "no resource at " + req.path));
+  std::sort(allowed.begin(), allowed.end());
+  std::string list;
+  for (const auto& m : allowed)
+    list += (list.empty() ? "" : ", ") + m;
+  auto r = error_response(
+    405, "method " + req.method + " is not allowed on " + req.path + " (allowed: " + list + ")");
+  r.headers.emplace_back("Allow", list);
+  reply(std::move(r));
 }
 
 }  // namespace canopy

@@ -47,10 +47,14 @@
 
 #include "runtime/expected.hpp"
 
+#include <functional>
+
 namespace canopy {
 
 class http_server;
 class hub_control;
+struct http_request;
+struct http_response;
 
 /// Largest nesting of arrays/objects accepted in a request body.
 inline constexpr int hub_api_max_json_depth = 64;
@@ -64,6 +68,16 @@ inline constexpr int hub_api_max_method_timeout_secs = 300;
 /// Registers the routes above on `server` (before its start()). `hub` is
 /// borrowed and must outlive the server's stop().
 void add_hub_routes(http_server& server, hub_control& hub);
+
+/// Answers `req` as an http_server with add_hub_routes() would, without a
+/// server or a socket (tests, fuzzing): the route of the longest matching
+/// prefix for req.method (HEAD falls back to GET), else the server's own 404
+/// or 405. `reply` is called exactly once, at once or from whichever thread
+/// `hub` answers on. Only the server's parts before routing (token, limits)
+/// are left out; an exception a handler lets through propagates (the server
+/// would answer it 500).
+void handle_hub_request(hub_control& hub, http_request req,
+                        std::function<void(http_response)> reply);
 
 /// The HTTP status the API answers for an error of code `code`:
 /// invalid_argument 400, not_found 404, already_exists 409, unavailable 503,

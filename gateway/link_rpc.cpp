@@ -12,6 +12,12 @@ namespace {
 /// What Cap'n Proto puts before the reason of an exception the other end threw.
 constexpr std::string_view remote_prefix = "remote exception: ";
 
+/// `s` as a Text field, all of it: the implicit conversion stops at the first
+/// NUL, and string_of() keeps embedded NULs, so what is read is sent on as is.
+capnp::Text::Reader text(const std::string& s) {
+  return capnp::Text::Reader(s.data(), s.size());
+}
+
 }  // namespace
 
 std::string tidy(std::string text) {
@@ -121,9 +127,9 @@ std::string string_of(capnp::Text::Reader t) {
 }
 
 void fill(schema::TwinUpdate::Builder out, const twin_update& in) {
-  out.setDevice(in.device);
-  out.setModule(in.module);
-  out.setJson(in.json);
+  out.setDevice(text(in.device));
+  out.setModule(text(in.module));
+  out.setJson(text(in.json));
   out.setVersion(in.version);
   out.setFull(in.full);
 }
@@ -144,14 +150,14 @@ std::vector<twin_update> read_twins(capnp::List<schema::TwinUpdate>::Reader in) 
 }
 
 void fill(schema::DeviceEntry::Builder out, const device_record& in) {
-  out.setId(in.id);
-  out.setParent(in.parent);
-  out.setKind(in.kind);
+  out.setId(text(in.id));
+  out.setParent(text(in.parent));
+  out.setKind(text(in.kind));
   out.setTagsJson(in.tags.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
-  out.setAuth(in.auth);
-  out.setThumbprint(in.thumbprint);
-  out.setPrimaryKey(in.primary_key);
-  out.setSecondaryKey(in.secondary_key);
+  out.setAuth(text(in.auth));
+  out.setThumbprint(text(in.thumbprint));
+  out.setPrimaryKey(text(in.primary_key));
+  out.setSecondaryKey(text(in.secondary_key));
 }
 
 expected<device_record> read_entry(schema::DeviceEntry::Reader in, unsigned index) {
