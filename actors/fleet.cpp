@@ -860,19 +860,29 @@ void run_task(fleet_bridge::impl& b, reply_fn<T> done, F f) {
                  }});
 }
 
+/// A change of the registry, on the hub only: `op(registry)` makes it; if it
+/// worked, `after(result)` follows it up (scopes, assignments) before the answer.
+template <class T, class Op, class After>
+void hub_change(fleet_actor* self, const reply_ptr<T>& g, const char* what, Op op, After after) {
+  if (auto ok = hub_only(self, what); !ok)
+    return (*g)(std::move(ok).err());
+  expected<T> r = op(*self->state.cfg.registry);
+  if (r)
+    after(r);
+  (*g)(std::move(r));
+}
+
 }  // namespace
 
 void fleet_bridge::device_create(device_record rec, reply_fn<device_record> done) {
   run_task(*impl_, std::move(done), [rec = std::move(rec)](fleet_actor* self, auto& g) {
-    if (auto ok = hub_only(self, "device create"); !ok)
-      return (*g)(std::move(ok).err());
-    auto r = self->state.cfg.registry->create_device(rec);
-    if (r) {
-      spdlog::info("fleet: registered {} '{}' under '{}'", r->kind, r->id, r->parent);
-      rescope_children(self);
-      reassign(self);
-    }
-    (*g)(std::move(r));
+    hub_change(
+      self, g, "device create", [&](fleet_registry& reg) { return reg.create_device(rec); },
+      [self](const expected<device_record>& r) {
+        spdlog::info("fleet: registered {} '{}' under '{}'", r->kind, r->id, r->parent);
+        rescope_children(self);
+        reassign(self);
+      });
   });
 }
 
@@ -889,27 +899,23 @@ void fleet_bridge::device_get(std::string id, reply_fn<device_record> done) {
 
 void fleet_bridge::device_delete(std::string id, reply_fn<void> done) {
   run_task(*impl_, std::move(done), [id = std::move(id)](fleet_actor* self, auto& g) {
-    if (auto ok = hub_only(self, "device delete"); !ok)
-      return (*g)(std::move(ok).err());
-    auto r = self->state.cfg.registry->delete_device(id);
-    if (r) {
-      spdlog::info("fleet: deleted '{}' from the registry", id);
-      rescope_children(self);
-    }
-    (*g)(std::move(r));
+    hub_change(
+      self, g, "device delete", [&](fleet_registry& reg) { return reg.delete_device(id); },
+      [self, &id](const expected<void>&) {
+        spdlog::info("fleet: deleted '{}' from the registry", id);
+        rescope_children(self);
+      });
   });
 }
 
 void fleet_bridge::device_set_tags(std::string id, nlohmann::json tags, reply_fn<device_record> done) {
   run_task(*impl_, std::move(done), [id = std::move(id), tags = std::move(tags)](fleet_actor* self, auto& g) {
-    if (auto ok = hub_only(self, "device tags"); !ok)
-      return (*g)(std::move(ok).err());
-    auto r = self->state.cfg.registry->set_tags(id, tags);
-    if (r) {
-      rescope_children(self);
-      reassign(self);
-    }
-    (*g)(std::move(r));
+    hub_change(
+      self, g, "device tags", [&](fleet_registry& reg) { return reg.set_tags(id, tags); },
+      [self](const expected<device_record>&) {
+        rescope_children(self);
+        reassign(self);
+      });
   });
 }
 
@@ -951,21 +957,25 @@ expected<deployment_summary> summarize(fleet_actor* self, deployment_record d,
 
 void fleet_bridge::deployment_create(deployment_record rec, reply_fn<deployment_record> done) {
   run_task(*impl_, std::move(done), [rec = std::move(rec)](fleet_actor* self, auto& g) {
-    if (auto ok = hub_only(self, "deployment create"); !ok)
-      return (*g)(std::move(ok).err());
-    // The manifest is checked here as far as it can be without the target's
-    // files: structure, modules, routes. Each gateway resolves its libraries.
-    manifest_options mo;
-    mo.resolve_library = [](std::string_view lib, const std::string& dir) { return resolve_library_path(lib, dir); };
-    if (auto dep = parse_manifest(rec.manifest_json, mo); !dep)
-      return (*g)(make_error(dep.err().code, "content: " + dep.err().message));
-    auto r = self->state.cfg.registry->create_deployment(rec);
-    if (r) {
-      spdlog::info("fleet: deployment '{}' created (target {}, priority {})", r->id, r->target_condition,
-                   r->priority);
-      reassign(self);
-    }
-    (*g)(std::move(r));
+    hub_change(
+      self, g, "deployment create",
+      [&](fleet_registry& reg) -> expected<deployment_record> {
+        // The manifest is checked here as far as it can be without the
+        // target's files: structure, modules, routes. Each gateway resolves
+        // its libraries.
+        manifest_options mo;
+        mo.resolve_library = [](std::string_view lib, const std::string& dir) {
+          return resolve_library_path(lib, dir);
+        };
+        if (auto dep = parse_manifest(rec.manifest_json, mo); !dep)
+          return make_error(dep.err().code, "content: " + dep.err().message);
+        return reg.create_deployment(rec);
+      },
+      [self](const expected<deployment_record>& r) {
+        spdlog::info("fleet: deployment '{}' created (target {}, priority {})", r->id, r->target_condition,
+                     r->priority);
+        reassign(self);
+      });
   });
 }
 
@@ -1010,14 +1020,12 @@ void fleet_bridge::deployment_get(std::string id, reply_fn<deployment_summary> d
 
 void fleet_bridge::deployment_delete(std::string id, reply_fn<void> done) {
   run_task(*impl_, std::move(done), [id = std::move(id)](fleet_actor* self, auto& g) {
-    if (auto ok = hub_only(self, "deployment delete"); !ok)
-      return (*g)(std::move(ok).err());
-    auto r = self->state.cfg.registry->delete_deployment(id);
-    if (r) {
-      spdlog::info("fleet: deployment '{}' deleted", id);
-      reassign(self);
-    }
-    (*g)(std::move(r));
+    hub_change(
+      self, g, "deployment delete", [&](fleet_registry& reg) { return reg.delete_deployment(id); },
+      [self, &id](const expected<void>&) {
+        spdlog::info("fleet: deployment '{}' deleted", id);
+        reassign(self);
+      });
   });
 }
 
@@ -1032,12 +1040,11 @@ void fleet_bridge::twin_patch(std::string device, std::string module, nlohmann::
   run_task(*impl_, std::move(done),
            [device = std::move(device), module = std::move(module), patch = std::move(patch)](fleet_actor* self,
                                                                                               auto& g) {
-             if (auto ok = hub_only(self, "twin patch"); !ok)
-               return (*g)(std::move(ok).err());
-             auto r = self->state.cfg.registry->patch_desired(device, module, patch);
-             if (r)
-               send_down(self, twin_update{device, module, r->desired.dump(), r->desired_version, true});
-             (*g)(std::move(r));
+             hub_change(
+               self, g, "twin patch", [&](fleet_registry& reg) { return reg.patch_desired(device, module, patch); },
+               [self](const expected<twin_record>& r) {
+                 send_down(self, twin_update{r->device, r->module, r->desired.dump(), r->desired_version, true});
+               });
            });
 }
 
