@@ -68,12 +68,8 @@ void take_upload(child_link_actor* self, envelopes& batch, const reply_ptr<std::
     (*done)(make_error(errc::unavailable, "the router is restarting; try again"));
     return;
   }
-  struct progress {
-    std::uint32_t waiting = 0;
-    std::uint32_t accepted = 0;
-    bool failed = false;
-  };
-  auto p = std::make_shared<progress>();
+  std::vector<routed_message> accepted;
+  accepted.reserve(batch.size());
   std::uint64_t refused = 0;
   std::vector<std::string> senders;
   for (auto& env : batch) {
@@ -85,8 +81,8 @@ void take_upload(child_link_actor* self, envelopes& batch, const reply_ptr<std::
                    st.child, env.device);
       continue;
     }
-    ++p->waiting;
-    ++p->accepted;
+    accepted.push_back(routed_message{std::move(env.msg), std::move(env.device), std::move(env.module),
+                                      std::move(env.output)});
   }
   if (refused > 0) {
     std::lock_guard<std::mutex> guard{st.board->mtx};
@@ -94,28 +90,17 @@ void take_upload(child_link_actor* self, envelopes& batch, const reply_ptr<std::
   }
   if (auto fleet = caf::actor_cast<caf::actor>(st.fleet.lock()))
     self->send(fleet, atoms::tick::value, std::move(senders));
-  if (p->waiting == 0) {
+  if (accepted.empty()) {
     (*done)(std::uint32_t{0});
     return;
   }
-  for (auto& env : batch) {
-    if (st.scope->count(env.device) == 0)
-      continue;
-    routed_message rm{std::move(env.msg), std::move(env.device), std::move(env.module), std::move(env.output)};
-    self->request(router, caf::infinite, atoms::inject::value, std::move(rm))
-      .then(
-        [p, done](std::uint64_t) {
-          if (--p->waiting == 0 && !p->failed)
-            (*done)(p->accepted);
-        },
-        [p, done](caf::error& err) {
-          if (p->failed)
-            return;
-          p->failed = true;
-          auto text = caf::to_string(err);
-          (*done)(make_error(errc::unavailable, "not stored: " + text));
-        });
-  }
+  const auto count = static_cast<std::uint32_t>(accepted.size());
+  // One request for the batch: answered once every message is durable here.
+  self->request(router, caf::infinite, atoms::inject::value, std::move(accepted))
+    .then([done, count](std::vector<std::uint64_t>&) { (*done)(count); },
+          [done](caf::error& err) {
+            (*done)(make_error(errc::unavailable, "not stored: " + caf::to_string(err)));
+          });
 }
 
 caf::behavior child_link_impl(child_link_actor* self, std::string child, caf::weak_actor_ptr fleet,

@@ -21,6 +21,12 @@ struct send_job {
   reply_fn<std::uint64_t> done;
 };
 
+/// The forwarding actor's sends waiting for its next flush.
+struct sender_state {
+  std::vector<send_job> jobs;
+  bool flush_scheduled = false;
+};
+
 }  // namespace
 }  // namespace canopy
 
@@ -108,15 +114,44 @@ node_control_impl::node_control_impl(caf::actor_system& sys, std::function<caf::
     logs_(logs),
     loader_(loader) {
   // One actor forwards every send, so that the router sees them in the order
-  // they were made (CAF orders messages per sender only).
+  // they were made (CAF orders messages per sender only); what arrives
+  // together goes to the router as one batch.
   sender_ = sys.spawn(
-    [](caf::event_based_actor* self, int) -> caf::behavior {
+    [](caf::stateful_actor<sender_state>* self, int) -> caf::behavior {
       return {
         [self](send_job& job) {
-          auto done = std::move(job.done);
-          self->request(job.router, caf::duration{control_timeout}, atoms::inject::value, std::move(job.rm))
-            .then([done](std::uint64_t targets) { done(targets); },
-                  [done](caf::error& err) { done(from_router(err)); });
+          auto& st = self->state;
+          st.jobs.push_back(std::move(job));
+          if (!st.flush_scheduled) {
+            st.flush_scheduled = true;
+            self->send(self, atoms::flush::value);  // after what is already in the mailbox
+          }
+        },
+        [self](atoms::flush) {
+          auto& st = self->state;
+          st.flush_scheduled = false;
+          auto jobs = std::make_shared<std::vector<send_job>>(std::move(st.jobs));
+          st.jobs.clear();
+          // Jobs of one router go together (there is one router, unless it just restarted).
+          std::size_t begin = 0;
+          while (begin < jobs->size()) {
+            std::size_t end = begin;
+            std::vector<routed_message> batch;
+            while (end < jobs->size() && (*jobs)[end].router == (*jobs)[begin].router)
+              batch.push_back(std::move((*jobs)[end++].rm));
+            self->request((*jobs)[begin].router, caf::duration{control_timeout}, atoms::inject::value,
+                          std::move(batch))
+              .then(
+                [jobs, begin, end](std::vector<std::uint64_t>& targets) {
+                  for (std::size_t i = begin; i < end; ++i)
+                    (*jobs)[i].done(i - begin < targets.size() ? targets[i - begin] : 0);
+                },
+                [jobs, begin, end](caf::error& err) {
+                  for (std::size_t i = begin; i < end; ++i)
+                    (*jobs)[i].done(from_router(err));
+                });
+            begin = end;
+          }
         },
       };
     },

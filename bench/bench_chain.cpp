@@ -142,8 +142,8 @@ class tracked_process {
 };
 
 /// Calls `pred` every `interval` until true; fails with `what` after `timeout`.
-void wait_or_fail(const std::function<bool()>& pred, std::chrono::milliseconds timeout, const std::string& what,
-                  std::chrono::milliseconds interval = 20ms) {
+void wait_or_fail(const std::function<bool()>& pred, std::chrono::milliseconds timeout,
+                  const std::string& what, std::chrono::milliseconds interval = 20ms) {
   auto deadline = bench_clock::now() + timeout;
   while (!pred()) {
     check_stop();
@@ -195,7 +195,8 @@ std::string loopback(int port) {
 /// Body i: a JSON reading padded to exactly body_size bytes (no newline).
 std::string body_of(long device, long i) {
   char head[64];
-  int n = std::snprintf(head, sizeof head, R"({"device":%ld,"n":%ld,"temperature":21.5,"pad":")", device, i);
+  int n = std::snprintf(head, sizeof head, R"({"device":%ld,"n":%ld,"temperature":21.5,"pad":")",
+                        device, i);
   std::string b(head, static_cast<std::size_t>(n));
   b.append(body_size - b.size() - 2, 'x');
   b += "\"}";
@@ -267,13 +268,17 @@ class canopy_chain {
 
     const int hub_link = free_port(), api = free_port();
     gwa_link_ = free_port();
-    start(hub_, "hub", {"--role", "hub", "--link-listen", loopback(hub_link), "--api-listen", loopback(api)});
-    wait_or_fail([&] { return running(hub_) && std::filesystem::exists(hub_.data + "/api-token") && port_accepts(api); },
-                 20s, "the hub's REST API");
-    std::vector<std::string> hub_ctl{progs_.canopyctl, "--hub",   "https://" + loopback(api),
-                                     "--hub-id",       "hub",     "--ca",
-                                     certs_ + "/ca.crt", "--token-file", hub_.data + "/api-token",
-                                     "device",         "create"};
+    start(hub_, "hub",
+          {"--role", "hub", "--link-listen", loopback(hub_link), "--api-listen", loopback(api)});
+    wait_or_fail(
+      [&] {
+        return running(hub_) && std::filesystem::exists(hub_.data + "/api-token") &&
+               port_accepts(api);
+      },
+      20s, "the hub's REST API");
+    std::vector<std::string> hub_ctl{
+      progs_.canopyctl,   "--hub",        "https://" + loopback(api), "--hub-id", "hub",   "--ca",
+      certs_ + "/ca.crt", "--token-file", hub_.data + "/api-token",   "device",   "create"};
     auto create = [&](std::vector<std::string> args) {
       auto argv = hub_ctl;
       argv.insert(argv.end(), args.begin(), args.end());
@@ -284,12 +289,15 @@ class canopy_chain {
     for (long d = 1; d <= devices; ++d)
       create({device_id(d), "--parent", "gw-b", "--kind", "device", "--auth", "x509_ca"});
 
-    gwa_args_ = {"--parent", loopback(hub_link), "--parent-id", "hub", "--link-listen", loopback(gwa_link_)};
+    gwa_args_ = {"--parent", loopback(hub_link), "--parent-id",
+                 "hub",      "--link-listen",    loopback(gwa_link_)};
     start(gwa_, "gw-a", gwa_args_);
     start(gwb_, "gw-b", {"--parent", loopback(gwa_link_), "--parent-id", "gw-a"});
-    wait_or_fail([&] { return running(gwa_) && parent_link_up(gwa_.socket); }, 30s, "gw-a's link to the hub", 100ms);
+    wait_or_fail([&] { return running(gwa_) && parent_link_up(gwa_.socket); }, 30s,
+                 "gw-a's link to the hub", 100ms);
     // gw-b is admitted once gw-a has its registry scope from the hub.
-    wait_or_fail([&] { return running(gwb_) && parent_link_up(gwb_.socket); }, 60s, "gw-b's link to gw-a", 100ms);
+    wait_or_fail([&] { return running(gwb_) && parent_link_up(gwb_.socket); }, 60s,
+                 "gw-b's link to gw-a", 100ms);
   }
 
   ~canopy_chain() {
@@ -355,9 +363,9 @@ class canopy_chain {
     n.id = id;
     n.data = dir_.file(id);
     n.socket = dir_.file(id + ".sock");
-    std::vector<std::string> argv{progs_.canopy, "run",     "--device-id", id,         "--certs",
-                                  certs_,        "-d",      n.data,        "-s",       n.socket,
-                                  "--log-level", "warn"};
+    std::vector<std::string> argv{progs_.canopy, "run",    "--device-id", id,
+                                  "--certs",     certs_,   "-d",          n.data,
+                                  "-s",          n.socket, "--log-level", "warn"};
     if (threads_ > 0) {
       argv.push_back("--threads");
       argv.push_back(std::to_string(threads_));
@@ -427,9 +435,10 @@ class sender_group {
   sender_group(const canopy_chain& chain, const std::vector<std::string>& files, long window) {
     for (std::size_t k = 0; k < files.size(); ++k)
       procs_.push_back(std::make_unique<tracked_process>(
-        std::vector<std::string>{chain.progs().canopyctl, "--socket", chain.gwb().socket, "send", "--device",
-                                 canopy_chain::device_id(static_cast<long>(k) + 1), "--content-type",
-                                 "application/json", "--stdin", "--window", std::to_string(window)},
+        std::vector<std::string>{chain.progs().canopyctl, "--socket", chain.gwb().socket, "send",
+                                 "--device", canopy_chain::device_id(static_cast<long>(k) + 1),
+                                 "--content-type", "application/json", "--stdin", "--window",
+                                 std::to_string(window)},
         files[k]));
     ticks_.assign(procs_.size(), 0);
   }
@@ -465,8 +474,8 @@ class sender_group {
     for (auto& p : procs_) {
       auto oks = test::count_occurrences(p->get().output(), " ok 1\n");
       if (static_cast<long>(oks) != per_sender)
-        fail("canopyctl send acknowledged " + std::to_string(oks) + " of " + std::to_string(per_sender) + ":\n" +
-             p->output_tail());
+        fail("canopyctl send acknowledged " + std::to_string(oks) + " of " +
+             std::to_string(per_sender) + ":\n" + p->output_tail());
     }
   }
 
@@ -508,7 +517,8 @@ class hub_counter {
 };
 
 /// Writes `senders` files of `per_sender` bodies (one per line) into the chain's dir.
-std::vector<std::string> write_body_files(const canopy_chain& chain, long per_sender, long senders) {
+std::vector<std::string> write_body_files(const canopy_chain& chain, long per_sender,
+                                          long senders) {
   std::vector<std::string> files;
   for (long s = 1; s <= senders; ++s) {
     auto path = chain.dir().file("bodies-" + std::to_string(s) + ".txt");
@@ -524,7 +534,8 @@ std::vector<std::string> write_body_files(const canopy_chain& chain, long per_se
 
 struct canopy_figures {
   double msg_s = 0;
-  double producer_msg_s = 0;  ///< until every sender had all its messages acknowledged (durable at gw-b)
+  double producer_msg_s =
+    0;  ///< until every sender had all its messages acknowledged (durable at gw-b)
   double seconds = 0;
   std::vector<double> cpu_percent;  ///< hub, gw-a, gw-b, senders (of one core, over the run)
   std::uint64_t commits_hub = 0, commits_gwa = 0, commits_gwb = 0;
@@ -533,8 +544,8 @@ struct canopy_figures {
 /// One round of the whole chain: the senders run while every hop forwards;
 /// timed from spawning the senders until the hub's telemetry store
 /// acknowledged every message.
-canopy_figures run_canopy(canopy_chain& chain, const std::vector<std::string>& files, long per_sender,
-                          long window) {
+canopy_figures run_canopy(canopy_chain& chain, const std::vector<std::string>& files,
+                          long per_sender, long window) {
   const long total = per_sender * static_cast<long>(files.size());
   auto before_hub = metrics_of(chain.hub().socket), before_gwa = metrics_of(chain.gwa().socket),
        before_gwb = metrics_of(chain.gwb().socket);
@@ -556,8 +567,8 @@ canopy_figures run_canopy(canopy_chain& chain, const std::vector<std::string>& f
       }
       if (bench_clock::now() > deadline) {
         chain.check_alive();
-        fail("the hub got " + std::to_string(hub.sent() - before_hub.sent) + " of " + std::to_string(total) +
-             " messages");
+        fail("the hub got " + std::to_string(hub.sent() - before_hub.sent) + " of " +
+             std::to_string(total) + " messages");
       }
       std::this_thread::sleep_for(5ms);
     }
@@ -566,8 +577,9 @@ canopy_figures run_canopy(canopy_chain& chain, const std::vector<std::string>& f
     senders.finish(per_sender, 10s);
     f.cpu_percent.push_back(senders.cpu_percent(f.seconds));
     f.msg_s = static_cast<double>(total) / f.seconds;
-    f.producer_msg_s = static_cast<double>(total) /
-                       std::chrono::duration<double>(std::min(*senders.done_at(), *t1) - t0).count();
+    f.producer_msg_s =
+      static_cast<double>(total) /
+      std::chrono::duration<double>(std::min(*senders.done_at(), *t1) - t0).count();
   }
   f.commits_hub = metrics_of(chain.hub().socket).commits - before_hub.commits;
   f.commits_gwa = metrics_of(chain.gwa().socket).commits - before_gwa.commits;
@@ -576,22 +588,24 @@ canopy_figures run_canopy(canopy_chain& chain, const std::vector<std::string>& f
 }
 
 struct split_figures {
-  double ingress_msg_s = 0;            ///< senders → gw-b alone (gw-a down): durable at gw-b
-  double forward_msg_s = 0;            ///< gw-b's backlog → gw-a → hub, from the link's return
-  std::vector<double> ingress_cpu;     ///< gw-b, senders
-  std::vector<double> forward_cpu;     ///< hub, gw-a, gw-b
+  double ingress_msg_s = 0;         ///< senders → gw-b alone (gw-a down): durable at gw-b
+  double forward_msg_s = 0;         ///< gw-b's backlog → gw-a → hub, from the link's return
+  std::vector<double> ingress_cpu;  ///< gw-b, senders
+  std::vector<double> forward_cpu;  ///< hub, gw-a, gw-b
 };
 
 /// The two halves apart: with gw-a stopped, the senders' messages stay at
 /// gw-b (ingress alone); then gw-a comes back and gw-b's backlog goes up
 /// the two links to the hub (forwarding alone), timed from the moment gw-b's
 /// link is up again.
-split_figures run_split(canopy_chain& chain, const std::vector<std::string>& files, long per_sender, long window) {
+split_figures run_split(canopy_chain& chain, const std::vector<std::string>& files, long per_sender,
+                        long window) {
   const long total = per_sender * static_cast<long>(files.size());
   split_figures f;
   const auto base = metrics_of(chain.hub().socket).sent;
   chain.stop_gwa();
-  wait_or_fail([&] { return !parent_link_up(chain.gwb().socket); }, 20s, "gw-b to see gw-a gone", 10ms);
+  wait_or_fail([&] { return !parent_link_up(chain.gwb().socket); }, 20s, "gw-b to see gw-a gone",
+               10ms);
   {
     const auto gwb_pid = chain.pids()[2];
     cpu_meter cpu({gwb_pid});
@@ -605,10 +619,12 @@ split_figures run_split(canopy_chain& chain, const std::vector<std::string>& fil
   }
   chain.restart_gwa();
   // gw-b retries with its backoff (up to a few seconds here).
-  wait_or_fail([&] {
-    chain.check_alive();
-    return parent_link_up(chain.gwb().socket);
-  }, 40s, "gw-b's link to gw-a to return", 5ms);
+  wait_or_fail(
+    [&] {
+      chain.check_alive();
+      return parent_link_up(chain.gwb().socket);
+    },
+    40s, "gw-b's link to gw-a to return", 5ms);
   hub_counter hub(chain.hub().socket);
   cpu_meter cpu(chain.pids());
   const auto t_up = bench_clock::now();
@@ -645,6 +661,7 @@ class mosquitto_chain {
   mosquitto_chain(const mosquitto_chain&) = delete;
   mosquitto_chain& operator=(const mosquitto_chain&) = delete;
 
+  /// Pids of brokers A, B, C, for CPU accounting.
   std::vector<pid_t> pids() {
     std::vector<pid_t> out;
     for (auto& b : brokers_)
@@ -652,33 +669,39 @@ class mosquitto_chain {
     return out;
   }
 
+  /// Fails, with its log, if a broker exited.
   void check_alive() {
     for (auto& b : brokers_)
       if (!b->get().running())
         fail("a mosquitto broker exited:\n" + b->output_tail());
   }
 
-  int port_a = 0, port_b = 0, port_c = 0;
+  int port_a = 0, port_b = 0,
+      port_c = 0;  ///< listeners; A is the end (the subscriber's), C the start
 
  private:
   void start(const std::string& name, int port, int bridge_to, long max_inflight) {
-    std::string conf = "per_listener_settings false\n"
-                       "listener " +
-                       std::to_string(port) +
-                       " 127.0.0.1\n"
-                       "allow_anonymous true\n"
-                       "set_tcp_nodelay true\n"
-                       "persistence false\n"
-                       "max_queued_messages 0\n"
-                       "max_inflight_messages " +
-                       std::to_string(max_inflight) +
-                       "\n"
-                       "log_dest stderr\n"
-                       "log_type error\n"
-                       "log_type warning\n";
+    std::string conf =
+      "per_listener_settings false\n"
+      "listener " +
+      std::to_string(port) +
+      " 127.0.0.1\n"
+      "allow_anonymous true\n"
+      "set_tcp_nodelay true\n"
+      "persistence false\n"
+      "max_queued_messages 0\n"
+      "max_inflight_messages " +
+      std::to_string(max_inflight) +
+      "\n"
+      "log_dest stderr\n"
+      "log_type error\n"
+      "log_type warning\n";
     if (bridge_to != 0)
-      conf += "connection " + name + "-up\n"
-              "address " + loopback(bridge_to) + "\n"
+      conf += "connection " + name +
+              "-up\n"
+              "address " +
+              loopback(bridge_to) +
+              "\n"
               "topic telemetry/# out 1\n"
               "bridge_protocol_version mqttv311\n"
               "try_private true\n"
@@ -689,7 +712,8 @@ class mosquitto_chain {
               "keepalive_interval 60\n";
     auto path = dir_.file(name + ".conf");
     test::write_text_file(path, conf);
-    brokers_.push_back(std::make_unique<tracked_process>(std::vector<std::string>{"/usr/sbin/mosquitto", "-c", path}));
+    brokers_.push_back(std::make_unique<tracked_process>(
+      std::vector<std::string>{"/usr/sbin/mosquitto", "-c", path}));
   }
 
   test::temp_dir dir_;
@@ -713,9 +737,8 @@ class mqtt_client {
     mosquitto_subscribe_callback_set(mosq_, [](mosquitto*, void* self, int, int, const int*) {
       static_cast<mqtt_client*>(self)->on_subscribe();
     });
-    mosquitto_publish_callback_set(mosq_, [](mosquitto*, void* self, int) {
-      static_cast<mqtt_client*>(self)->on_publish();
-    });
+    mosquitto_publish_callback_set(
+      mosq_, [](mosquitto*, void* self, int) { static_cast<mqtt_client*>(self)->on_publish(); });
     mosquitto_message_callback_set(mosq_, [](mosquitto*, void* self, const mosquitto_message* m) {
       static_cast<mqtt_client*>(self)->on_message(m);
     });
@@ -751,7 +774,8 @@ class mqtt_client {
       ++inflight_;
     }
     check_stop();
-    int rc = mosquitto_publish(mosq_, nullptr, topic.c_str(), static_cast<int>(body.size()), body.data(), 1, false);
+    int rc = mosquitto_publish(mosq_, nullptr, topic.c_str(), static_cast<int>(body.size()),
+                               body.data(), 1, false);
     if (rc != MOSQ_ERR_SUCCESS)
       fail(std::string("mosquitto_publish: ") + mosquitto_strerror(rc));
   }
@@ -764,7 +788,8 @@ class mqtt_client {
   }
 
   /// Waits until `n` messages on `topic` arrived; the time the n-th did.
-  bench_clock::time_point wait_received(const std::string& topic, long n, std::chrono::milliseconds timeout) {
+  bench_clock::time_point wait_received(const std::string& topic, long n,
+                                        std::chrono::milliseconds timeout) {
     wait([&] { return counts_[topic] >= n; }, timeout,
          std::to_string(n) + " messages on " + topic + " at broker A");
     std::lock_guard<std::mutex> lock(mtx_);
@@ -786,7 +811,8 @@ class mqtt_client {
     while (!pred()) {
       if (stop_requested)
         fail("interrupted");
-      if (cv_.wait_until(lock, std::min(deadline, bench_clock::now() + 100ms)) == std::cv_status::timeout &&
+      if (cv_.wait_until(lock, std::min(deadline, bench_clock::now() + 100ms)) ==
+            std::cv_status::timeout &&
           bench_clock::now() >= deadline)
         fail("timed out waiting for " + what);
     }
@@ -837,8 +863,8 @@ struct mosquitto_figures {
   std::vector<double> cpu_percent;  ///< brokers A, B, C, then this process (both clients)
 };
 
-mosquitto_figures run_mosquitto(mosquitto_chain& chain, mqtt_client& pub, mqtt_client& sub, long n, long window,
-                                long round) {
+mosquitto_figures run_mosquitto(mosquitto_chain& chain, mqtt_client& pub, mqtt_client& sub, long n,
+                                long window, long round) {
   std::vector<std::string> bodies;
   bodies.reserve(static_cast<std::size_t>(n));
   for (long i = 0; i < n; ++i)
@@ -868,7 +894,8 @@ mosquitto_figures run_mosquitto(mosquitto_chain& chain, mqtt_client& pub, mqtt_c
     f.cpu_percent.push_back(100.0 * static_cast<double>(ticks1[i] - ticks0[i]) / hz / f.seconds);
   // Anything more than n (a duplicate after a retry) would show here.
   if (sub.received(topic) != n)
-    fail("the subscriber got " + std::to_string(sub.received(topic)) + " messages, expected " + std::to_string(n));
+    fail("the subscriber got " + std::to_string(sub.received(topic)) + " messages, expected " +
+         std::to_string(n));
   return f;
 }
 
@@ -897,8 +924,11 @@ int run(int argc, char** argv) {
   const long rounds = bench::arg(argc, argv, "rounds", 2);
   const long node_threads = bench::arg(argc, argv, "node-threads", 0);
   const bool with_split = bench::arg(argc, argv, "split", 1) != 0;
-  if (messages < senders || senders < 1 || window < 1 || rounds < 1 || mqtt_inflight < 0 || node_threads < 0)
-    fail("bad arguments: --messages >= --senders >= 1, --window >= 1, --rounds >= 1, --mqtt-inflight >= 0, --node-threads >= 0");
+  if (messages < senders || senders < 1 || window < 1 || rounds < 1 || mqtt_inflight < 0 ||
+      node_threads < 0)
+    fail(
+      "bad arguments: --messages >= --senders >= 1, --window >= 1, --rounds >= 1, --mqtt-inflight "
+      ">= 0, --node-threads >= 0");
   const long per_sender = messages / senders;
   const long total = per_sender * senders;
   auto progs = programs::find();
@@ -909,24 +939,29 @@ int run(int argc, char** argv) {
   ::sigaction(SIGINT, &sa, nullptr);
   ::sigaction(SIGTERM, &sa, nullptr);
 
-  std::printf("bench-chain: %ld messages of %zu bytes per round, best of %ld rounds, window %ld, %ld sender(s)\n",
-              total, body_size, rounds, window, senders);
+  std::printf(
+    "bench-chain: %ld messages of %zu bytes per round, best of %ld rounds, window %ld, %ld "
+    "sender(s)\n",
+    total, body_size, rounds, window, senders);
 
   std::printf("load average (1 min) at start: %.2f (other work on the machine slows both sides)\n",
               load_average());
   mosquitto_library lib;
   mosquitto_chain mq(mqtt_inflight);
   canopy_chain chain(progs, senders, node_threads);
-  std::printf("mosquitto: A <- B <- C bridged (QoS 1); canopy: hub <- gw-a <- gw-b linked (TLS)%s\n",
-              node_threads > 0 ? (", --threads " + std::to_string(node_threads)).c_str() : "");
+  std::printf(
+    "mosquitto: A <- B <- C bridged (QoS 1); canopy: hub <- gw-a <- gw-b linked (TLS)%s\n",
+    node_threads > 0 ? (", --threads " + std::to_string(node_threads)).c_str() : "");
   mqtt_client sub("bench-sub", mq.port_a, mqtt_inflight);
   sub.subscribe("telemetry/#");
   mqtt_client pub("bench-pub", mq.port_c, window);
   // The bridges connect on their own: publish until one message gets through.
-  wait_or_fail([&] {
-    pub.publish("telemetry/warmup", "warm-up", window);
-    return sub.received("telemetry/warmup") > 0;
-  }, 20s, "the mosquitto bridges C -> B -> A", 100ms);
+  wait_or_fail(
+    [&] {
+      pub.publish("telemetry/warmup", "warm-up", window);
+      return sub.received("telemetry/warmup") > 0;
+    },
+    20s, "the mosquitto bridges C -> B -> A", 100ms);
   auto files = write_body_files(chain, per_sender, senders);
 
   // Rounds alternate between the two chains, so that a change in the
@@ -935,40 +970,53 @@ int run(int argc, char** argv) {
   canopy_figures best_cn;
   for (long r = 1; r <= rounds; ++r) {
     auto m = run_mosquitto(mq, pub, sub, total, window, r);
-    std::printf("mosquitto round %ld: %.0f msg/s (%.2f s); CPU %% of a core: A %.0f, B %.0f, C %.0f, "
-                "publisher and subscriber %.0f\n",
-                r, m.msg_s, m.seconds, m.cpu_percent[0], m.cpu_percent[1], m.cpu_percent[2], m.cpu_percent[3]);
+    std::printf(
+      "mosquitto round %ld: %.0f msg/s (%.2f s); CPU %% of a core: A %.0f, B %.0f, C %.0f, "
+      "publisher and subscriber %.0f\n",
+      r, m.msg_s, m.seconds, m.cpu_percent[0], m.cpu_percent[1], m.cpu_percent[2],
+      m.cpu_percent[3]);
     if (m.msg_s > best_mq.msg_s)
       best_mq = m;
     auto f = run_canopy(chain, files, per_sender, window);
-    std::printf("canopy round %ld: %.0f msg/s (%.2f s; senders done at %.0f msg/s); CPU %% of a core: hub %.0f, "
-                "gw-a %.0f, gw-b %.0f, canopyctl send %.0f; commits hub %llu, gw-a %llu, gw-b %llu\n",
-                r, f.msg_s, f.seconds, f.producer_msg_s, f.cpu_percent[0], f.cpu_percent[1], f.cpu_percent[2],
-                f.cpu_percent[3], static_cast<unsigned long long>(f.commits_hub),
-                static_cast<unsigned long long>(f.commits_gwa), static_cast<unsigned long long>(f.commits_gwb));
+    std::printf(
+      "canopy round %ld: %.0f msg/s (%.2f s; senders done at %.0f msg/s); CPU %% of a core: hub "
+      "%.0f, "
+      "gw-a %.0f, gw-b %.0f, canopyctl send %.0f; commits hub %llu, gw-a %llu, gw-b %llu\n",
+      r, f.msg_s, f.seconds, f.producer_msg_s, f.cpu_percent[0], f.cpu_percent[1], f.cpu_percent[2],
+      f.cpu_percent[3], static_cast<unsigned long long>(f.commits_hub),
+      static_cast<unsigned long long>(f.commits_gwa),
+      static_cast<unsigned long long>(f.commits_gwb));
     if (f.msg_s > best_cn.msg_s)
       best_cn = f;
   }
   std::optional<split_figures> split;
   if (with_split) {
     split = run_split(chain, files, per_sender, window);
-    std::printf("canopy apart: ingress alone (senders -> gw-b, durable there; gw-a down) %.0f msg/s, CPU %% gw-b "
-                "%.0f, canopyctl send %.0f\n",
-                split->ingress_msg_s, split->ingress_cpu[0], split->ingress_cpu[1]);
-    std::printf("canopy apart: forwarding alone (gw-b's stored backlog -> gw-a -> hub, from the link's return) "
-                "%.0f msg/s, CPU %% hub %.0f, gw-a %.0f, gw-b %.0f\n",
-                split->forward_msg_s, split->forward_cpu[0], split->forward_cpu[1], split->forward_cpu[2]);
+    std::printf(
+      "canopy apart: ingress alone (senders -> gw-b, durable there; gw-a down) %.0f msg/s, CPU %% "
+      "gw-b "
+      "%.0f, canopyctl send %.0f\n",
+      split->ingress_msg_s, split->ingress_cpu[0], split->ingress_cpu[1]);
+    std::printf(
+      "canopy apart: forwarding alone (gw-b's stored backlog -> gw-a -> hub, from the link's "
+      "return) "
+      "%.0f msg/s, CPU %% hub %.0f, gw-a %.0f, gw-b %.0f\n",
+      split->forward_msg_s, split->forward_cpu[0], split->forward_cpu[1], split->forward_cpu[2]);
   }
   std::printf("load average (1 min) at the end: %.2f\n", load_average());
 
-  std::printf("canopy is durable at every hop (SQLite WAL, synchronous=FULL) over mutually authenticated TLS; the "
-              "mosquitto chain keeps messages in memory only (persistence off) over plain TCP\n");
-  std::printf("RESULT bench-chain canopy_msg_s=%.0f mosquitto_msg_s=%.0f ratio=%.2f messages=%ld hops=3 "
-              "window=%ld senders=%ld producer_msg_s=%.0f",
-              best_cn.msg_s, best_mq.msg_s, best_cn.msg_s / best_mq.msg_s, total, window, senders,
-              best_cn.producer_msg_s);
+  std::printf(
+    "canopy is durable at every hop (SQLite WAL, synchronous=FULL) over mutually authenticated "
+    "TLS; the "
+    "mosquitto chain keeps messages in memory only (persistence off) over plain TCP\n");
+  std::printf(
+    "RESULT bench-chain canopy_msg_s=%.0f mosquitto_msg_s=%.0f ratio=%.2f messages=%ld hops=3 "
+    "window=%ld senders=%ld producer_msg_s=%.0f",
+    best_cn.msg_s, best_mq.msg_s, best_cn.msg_s / best_mq.msg_s, total, window, senders,
+    best_cn.producer_msg_s);
   if (split)
-    std::printf(" ingress_msg_s=%.0f forward_msg_s=%.0f", split->ingress_msg_s, split->forward_msg_s);
+    std::printf(" ingress_msg_s=%.0f forward_msg_s=%.0f", split->ingress_msg_s,
+                split->forward_msg_s);
   std::printf("\n");
   return 0;
 }
@@ -979,7 +1027,8 @@ int main(int argc, char** argv) {
   try {
     return run(argc, argv);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%.*s: %s\n", static_cast<int>(bench_name.size()), bench_name.data(), e.what());
+    std::fprintf(stderr, "%.*s: %s\n", static_cast<int>(bench_name.size()), bench_name.data(),
+                 e.what());
     return 1;
   }
 }

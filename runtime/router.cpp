@@ -117,9 +117,45 @@ struct pending_msg {
   std::size_t count;
 };
 
+/// The senders of one (inject_batch): answered together once the last of
+/// their messages is durable, or at the first failure.
+struct batch_waiter {
+  caf::typed_response_promise<std::vector<std::uint64_t>> promise;
+  std::vector<std::uint64_t> targets;  ///< per message, in order
+  std::size_t remaining = 0;           ///< messages not yet durable
+  bool answered = false;
+};
+
 struct waiting_sender {
-  caf::typed_response_promise<std::uint64_t> promise;
+  caf::typed_response_promise<std::uint64_t> promise;  ///< (inject); unused for a batch member
   std::uint64_t targets;
+  std::shared_ptr<batch_waiter> batch;  ///< set for a member of an (inject_batch)
+  std::size_t index = 0;                ///< its position in the batch
+
+  /// The message is durable (or needed no storing).
+  void done() {
+    if (!batch) {
+      promise.deliver(targets);
+      return;
+    }
+    batch->targets[index] = targets;
+    if (--batch->remaining == 0 && !batch->answered) {
+      batch->answered = true;
+      batch->promise.deliver(std::move(batch->targets));
+    }
+  }
+
+  /// The message was refused.
+  void fail(const std::string& why) {
+    if (!batch) {
+      promise.deliver(caf::make_error(caf::sec::runtime_error, why));
+      return;
+    }
+    if (!batch->answered) {
+      batch->answered = true;
+      batch->promise.deliver(caf::make_error(caf::sec::runtime_error, why));
+    }
+  }
 };
 
 /// One group commit, handed to the writer thread.
@@ -594,7 +630,7 @@ bool finish_commit(router_actor* self) {
         l.want_mark = std::max(l.want_mark, seq);
     }
     for (auto& w : job.waiting)
-      w.promise.deliver(w.targets);
+      w.done();
   } else {
     const error err = std::move(r).err();
     log_store_error(self, "storing " + std::to_string(job.entries.size()) + " message(s)", err);
@@ -616,7 +652,7 @@ bool finish_commit(router_actor* self) {
     for (const auto& t : job.written)
       pop_done(self, *t.l);
     for (auto& w : job.waiting)
-      w.promise.deliver(caf::make_error(caf::sec::runtime_error, err.message));
+      w.fail(err.message);
   }
   st.inflight.reset();
   after_commit(self);
@@ -679,7 +715,7 @@ void flush(router_actor* self, bool all = true) {
   st.waiting.clear();
   if (job->entries.empty()) {
     for (auto& w : job->waiting)
-      w.promise.deliver(w.targets);
+      w.done();
     after_commit(self);
     return;
   }
@@ -711,8 +747,7 @@ void schedule_flush(router_actor* self, bool soon) {
 /// Routes one message: finds its lanes, puts it in their windows (handing it
 /// over at once where the receiver has room) and in the commit batch.
 /// Returns the number of targets.
-std::uint64_t enqueue(router_actor* self, routed_message&& in,
-                      caf::typed_response_promise<std::uint64_t>* waiter) {
+std::uint64_t enqueue(router_actor* self, routed_message&& in, waiting_sender* waiter) {
   auto& st = self->state;
   ++st.counters.received;
   const auto src = in.source();
@@ -773,8 +808,10 @@ std::uint64_t enqueue(router_actor* self, routed_message&& in,
   }
   st.batch.push_back({std::move(rm), now, first, total});
   // Answered by the flush that commits this batch (possibly the one below).
-  if (waiter != nullptr)
-    st.waiting.push_back({*waiter, total});
+  if (waiter != nullptr) {
+    waiter->targets = total;
+    st.waiting.push_back(std::move(*waiter));
+  }
   for (std::size_t i = 0; i < total; ++i) {
     const pending_target& t = st.targets[first + i];
     if (t.in_mem)
@@ -988,9 +1025,31 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
       }
     },
     [self](atoms::inject, routed_message& rm) -> caf::result<std::uint64_t> {
-      auto rp = self->make_response_promise<std::uint64_t>();
-      if (enqueue(self, std::move(rm), &rp) == 0)
+      waiting_sender w;
+      w.promise = self->make_response_promise<std::uint64_t>();
+      auto rp = w.promise;
+      if (enqueue(self, std::move(rm), &w) == 0)
         rp.deliver(std::uint64_t{0});
+      return rp;
+    },
+    [self](atoms::inject, std::vector<routed_message>& batch) -> caf::result<std::vector<std::uint64_t>> {
+      auto b = std::make_shared<batch_waiter>();
+      b->promise = self->make_response_promise<std::vector<std::uint64_t>>();
+      auto rp = b->promise;
+      b->targets.assign(batch.size(), 0);
+      // Counted up front, so that an early commit cannot answer half a batch.
+      b->remaining = batch.size() + 1;
+      for (std::size_t i = 0; i < batch.size(); ++i) {
+        waiting_sender w;
+        w.batch = b;
+        w.index = i;
+        if (enqueue(self, std::move(batch[i]), &w) == 0)
+          --b->remaining;  // no route: nothing to wait for
+      }
+      if (--b->remaining == 0 && !b->answered) {
+        b->answered = true;
+        rp.deliver(std::move(b->targets));
+      }
       return rp;
     },
     [self](atoms::set_routes, route_table& routes) {

@@ -9,6 +9,9 @@
 //                                               comes once the message is durable (or was
 //                                               delivered and acknowledged before that); an
 //                                               error "store full: ..." if refused
+//   (inject, std::vector<routed_message>) -> std::vector<uint64>   the same for a batch, in
+//                                               order: answered once all are durable (the
+//                                               targets of each), or with the first refusal
 //   (set_routes, route_table)                   a deployment's compiled routes
 //   (module_up, std::string name, caf::actor)   an instance of module `name` (or of the
 //                                               "$upstream" receiver: a parent link) is ready for
@@ -137,5 +140,6 @@ caf::actor spawn_router(caf::actor_system& sys, router_config cfg);
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::message)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::routed_message)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::vector<canopy::routed_message>)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::route_table)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(canopy::node_metrics)

@@ -431,6 +431,28 @@ TEST_CASE("router: a sender that waits is answered after the commit; a full stor
   CHECK(f.metrics(r).dropped_store_full >= 1);
 }
 
+TEST_CASE("router: a batch of senders is answered once all of it is durable, per message and in order") {
+  fixture f;
+  f.open_store(64 * 1024);
+  auto r = f.router();
+  f.set_routes(r, {rs(to_b)});
+  std::vector<routed_message> batch;
+  for (int i = 0; i < 5; ++i)
+    batch.push_back(routed_message{message_builder{}.body("m" + std::to_string(i)).build(), "",
+                                   i == 2 ? "nobody" : "a", "out"});
+  std::vector<std::uint64_t> targets;
+  (*f.self)->request(r, 5s, atoms::inject::value, std::move(batch))
+    .receive([&](std::vector<std::uint64_t>& t) { targets = t; }, [](caf::error&) { FAIL("refused"); });
+  CHECK(targets == std::vector<std::uint64_t>{1, 1, 0, 1, 1});
+  // Answered: all four routed ones are in the file.
+  CHECK(canopy::unit_test::query_int(f.db(), canopy::unit_test::count_stored_messages) == 4);
+  // A batch of which nothing routes is answered at once.
+  std::vector<routed_message> none{routed_message{message_builder{}.body("x").build(), "", "nobody", "out"}};
+  (*f.self)->request(r, 5s, atoms::inject::value, std::move(none))
+    .receive([&](std::vector<std::uint64_t>& t) { targets = t; }, [](caf::error&) { FAIL("refused"); });
+  CHECK(targets == std::vector<std::uint64_t>{0});
+}
+
 TEST_CASE("router: $upstream that fails is retried after a backoff (injected clock)") {
   fixture f;
   f.rc.retry_base = 1000ms;
