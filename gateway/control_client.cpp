@@ -588,34 +588,64 @@ expected<std::size_t> control_client::send_stream(
     run.on_result = &on_result;
     run.feed = feed.state_;
     auto timeout = p.call_timeout;
-    std::function<void(send_request)> start;
+    std::function<void(std::vector<send_request>)> start;
     std::function<kj::Promise<void>()> pump;
     kj::TaskSet tasks(run);  // destroyed first: cancels the calls still in flight
 
-    start = [&](send_request item) {
-      auto index = run.next++;
-      run.waiting.emplace_back();
-      auto req = p.control.sendRequest();
-      fill_send(req, item.device, item.module, item.output, item.msg);
-      kj::Promise<expected<std::uint64_t>> call = req.send().then([](auto&& r) { return send_answer(r); });
+    // One sendBatch call for what the producer pushed since the last one
+    // (at most max_batch): a call per message would cost a round of the node's
+    // I/O thread each.
+    constexpr std::size_t max_batch = 512;
+    start = [&](std::vector<send_request> items) {
+      const auto base = run.next;
+      const auto count = items.size();
+      run.next += count;
+      for (std::size_t i = 0; i < count; ++i) run.waiting.emplace_back();
+      auto req = p.control.sendBatchRequest();
+      auto list = req.initItems(static_cast<unsigned>(count));
+      for (unsigned i = 0; i < count; ++i) {
+        auto& item = items[i];
+        auto out = list[i];
+        out.setDevice(item.device);
+        out.setModule(item.module);
+        out.setOutput(item.output);
+        auto bytes = item.msg.encoded();
+        out.setMessage(kj::arrayPtr(reinterpret_cast<const kj::byte*>(bytes.data()), bytes.size()));
+      }
+      using answers = std::vector<expected<std::uint64_t>>;
+      kj::Promise<answers> call = req.send().then([count](auto&& r) {
+        answers out;
+        auto results = r.getResults();
+        for (std::size_t i = 0; i < count; ++i) {
+          if (i >= results.size()) {
+            // The node refused the batch as a whole (one result): that answers every item.
+            out.push_back(results.size() == 1 ? send_answer(results[0]) : expected<std::uint64_t>(make_error(
+                                                    errc::failed, "sendBatch: the node answered fewer items")));
+            continue;
+          }
+          out.push_back(send_answer(results[static_cast<unsigned>(i)]));
+        }
+        return out;
+      });
       if (timeout.count() > 0) {
         call = call.exclusiveJoin(
-            p.io.provider->getTimer().afterDelay(timeout.count() * kj::MILLISECONDS).then([&p, timeout]() {
-              return expected<std::uint64_t>(make_error(
-                  errc::timeout, "the canopy node at " + p.path + " did not answer send within " +
-                                     std::to_string(timeout.count()) + " ms"));
+            p.io.provider->getTimer().afterDelay(timeout.count() * kj::MILLISECONDS).then([&p, timeout, count]() {
+              return answers(count, expected<std::uint64_t>(make_error(
+                                        errc::timeout, "the canopy node at " + p.path + " did not answer send within " +
+                                                           std::to_string(timeout.count()) + " ms")));
             }));
       }
       tasks.add(call.then(
-          [&run, index](expected<std::uint64_t> answer) -> kj::Promise<void> {
-            run.answered(index, kj::mv(answer));
+          [&run, base](answers all) -> kj::Promise<void> {
+            for (std::size_t i = 0; i < all.size(); ++i) run.answered(base + i, kj::mv(all[i]));
             return kj::READY_NOW;
           },
-          [&run, &p, index](kj::Exception&& e) -> kj::Promise<void> {
+          [&run, &p, base, count](kj::Exception&& e) -> kj::Promise<void> {
             std::string why = e.getDescription().cStr();
             if (e.getType() != kj::Exception::Type::DISCONNECTED) {
-              run.answered(index,
-                           make_error(errc::failed, "the canopy node at " + p.path + " failed the call: " + why));
+              for (std::size_t i = 0; i < count; ++i)
+                run.answered(base + i,
+                             make_error(errc::failed, "the canopy node at " + p.path + " failed the call: " + why));
               return kj::READY_NOW;
             }
             // evalLast: answers that arrived before the end are reported first.
@@ -632,7 +662,12 @@ expected<std::size_t> control_client::send_stream(
       return run.feed->queue.when_ready().then([&]() -> kj::Promise<void> {
         if (run.stopped) return kj::READY_NOW;
         bool closed = run.feed->queue.closed();  // before take(): nothing is pushed after close
-        for (auto& item : run.feed->queue.take()) start(std::move(item));
+        std::vector<send_request> batch;
+        for (auto& item : run.feed->queue.take()) {
+          batch.push_back(std::move(item));
+          if (batch.size() == max_batch) start(std::exchange(batch, {}));
+        }
+        if (!batch.empty()) start(std::move(batch));
         if (closed) {
           run.input_done = true;
           if (run.first == run.next) run.finish({});

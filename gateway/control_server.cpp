@@ -6,6 +6,7 @@
 
 #include "gateway/io_thread.hpp"
 #include "gateway/reply_bridge.hpp"
+#include "gateway/task_counter.hpp"
 
 #include <control.capnp.h>
 
@@ -64,43 +65,16 @@ bool set_status(schema::Status::Builder status, const expected<T>& result) {
 
 // --- Subscriptions -----------------------------------------------------------
 
-/// Counts the live subscriptions of one server, so stop() can wait for them to
-/// end. I/O thread only; shared with the guards, which may outlive the server.
-class subscription_tracker {
- public:
-  void added() { ++active_; }
-  void removed() {
-    if (--active_ == 0 && idle_.get() != nullptr) {
-      idle_->fulfill();
-      idle_ = nullptr;
-    }
-  }
-  /// Resolves once no subscription is live.
-  kj::Promise<void> when_idle() {
-    if (active_ == 0) return kj::READY_NOW;
-    auto paf = kj::newPromiseAndFulfiller<void>();
-    idle_ = kj::mv(paf.fulfiller);
-    return kj::mv(paf.promise);
-  }
-
- private:
-  std::size_t active_ = 0;
-  kj::Own<kj::PromiseFulfiller<void>> idle_;
-};
-
 /// Ends a node_control subscription when the call that owns it goes away (on the I/O thread).
 template <class T>
 class subscription_guard {
  public:
   subscription_guard(node_control& node, node_control::subscription_id id,
-                     std::shared_ptr<cross_thread_queue<T>> queue, std::shared_ptr<subscription_tracker> tracker)
-      : node_(node), id_(id), queue_(std::move(queue)), tracker_(std::move(tracker)) {
-    tracker_->added();
-  }
+                     std::shared_ptr<cross_thread_queue<T>> queue, std::shared_ptr<task_counter> tracker)
+      : node_(node), id_(id), queue_(std::move(queue)), count_(std::move(tracker)) {}
   ~subscription_guard() {
     queue_->close();
     node_.unsubscribe(id_);
-    tracker_->removed();
   }
   subscription_guard(const subscription_guard&) = delete;
   subscription_guard& operator=(const subscription_guard&) = delete;
@@ -109,7 +83,7 @@ class subscription_guard {
   node_control& node_;
   node_control::subscription_id id_;
   std::shared_ptr<cross_thread_queue<T>> queue_;
-  std::shared_ptr<subscription_tracker> tracker_;
+  counted count_;  // declared last: the server's count ends once the rest is done
 };
 
 kj::Promise<void> send_line(schema::LogSink::Client& sink, const std::string& line) {
@@ -160,7 +134,7 @@ kj::Promise<void> pump(Sink sink, std::shared_ptr<cross_thread_queue<T>> queue) 
 
 class control_service final : public schema::Control::Server {
  public:
-  control_service(node_control& node, const control_limits& limits, std::shared_ptr<subscription_tracker> tracker)
+  control_service(node_control& node, const control_limits& limits, std::shared_ptr<task_counter> tracker)
       : node_(node), limits_(limits), tracker_(std::move(tracker)) {}
 
   kj::Promise<void> list(ListContext context) override {
@@ -324,37 +298,59 @@ class control_service final : public schema::Control::Server {
 
   kj::Promise<void> send(SendContext context) override {
     auto params = context.getParams();
-    std::string device = params.getDevice();
-    std::string module = params.getModule();
-    std::string output = params.getOutput();
-    if (device.empty() && module.empty()) {
-      set_error(context.getResults().initStatus(),
-                make_error(errc::invalid_argument, "send: no sender: give a device or a module"));
+    return send_one(params.getDevice(), params.getModule(), params.getOutput(), params.getMessage())
+      .then([context](expected<std::uint64_t> targets) mutable {
+        auto results = context.getResults();
+        if (!set_status(results.initStatus(), targets)) return;
+        results.setTargets(*targets);
+      });
+  }
+
+  kj::Promise<void> sendBatch(SendBatchContext context) override {
+    auto items = context.getParams().getItems();
+    constexpr unsigned max_items = 4096;
+    if (items.size() > max_items) {
+      auto results = context.getResults().initResults(1);
+      set_error(results[0].initStatus(), make_error(errc::invalid_argument,
+                                                    "sendBatch: " + std::to_string(items.size()) +
+                                                      " items; at most " + std::to_string(max_items)));
       return kj::READY_NOW;
     }
-    auto bytes = params.getMessage();
-    auto msg = message::decode(std::string_view(reinterpret_cast<const char*>(bytes.begin()), bytes.size()));
-    if (!msg) {
-      set_error(context.getResults().initStatus(),
-                make_error(errc::invalid_argument, "send: message: " + std::to_string(bytes.size()) +
-                                                       " bytes that do not decode as a canopy message "
-                                                       "(expected canopy::message::encoded())"));
-      return kj::READY_NOW;
-    }
-    auto bridge = make_bridge<std::uint64_t>("send");
-    node_.send(std::move(device), std::move(module), std::move(output), std::move(*msg),
-               std::move(bridge.callback));
-    return bridge.promise.then([context](expected<std::uint64_t> targets) mutable {
-      auto results = context.getResults();
-      if (!set_status(results.initStatus(), targets)) return;
-      results.setTargets(*targets);
+    auto answers = kj::heapArrayBuilder<kj::Promise<expected<std::uint64_t>>>(items.size());
+    for (auto item : items)
+      answers.add(send_one(item.getDevice(), item.getModule(), item.getOutput(), item.getMessage()));
+    return kj::joinPromises(answers.finish()).then([context](kj::Array<expected<std::uint64_t>> all) mutable {
+      auto results = context.getResults().initResults(static_cast<unsigned>(all.size()));
+      for (unsigned i = 0; i < all.size(); ++i)
+        if (set_status(results[i].initStatus(), all[i]))
+          results[i].setTargets(*all[i]);
     });
   }
 
  private:
+  /// One message of send / sendBatch: checked, handed to the node, answered
+  /// once durable.
+  kj::Promise<expected<std::uint64_t>> send_one(capnp::Text::Reader device_text, capnp::Text::Reader module_text,
+                                                capnp::Text::Reader output, capnp::Data::Reader bytes) {
+    std::string device = device_text;
+    std::string module = module_text;
+    if (device.empty() && module.empty())
+      return expected<std::uint64_t>(make_error(errc::invalid_argument, "send: no sender: give a device or a module"));
+    auto msg = message::decode(std::string_view(reinterpret_cast<const char*>(bytes.begin()), bytes.size()));
+    if (!msg) {
+      return expected<std::uint64_t>(make_error(
+        errc::invalid_argument, "send: message: " + std::to_string(bytes.size()) +
+                                  " bytes that do not decode as a canopy message (expected canopy::message::encoded())"));
+    }
+    auto bridge = make_bridge<std::uint64_t>("send");
+    node_.send(std::move(device), std::move(module), std::string{output}, std::move(*msg),
+               std::move(bridge.callback));
+    return kj::mv(bridge.promise);
+  }
+
   node_control& node_;
   control_limits limits_;
-  std::shared_ptr<subscription_tracker> tracker_;
+  std::shared_ptr<task_counter> tracker_;
 };
 
 // --- The socket ------------------------------------------------------------------
@@ -458,7 +454,7 @@ struct control_server::impl {
   // All touched only on the I/O thread.
   kj::Canceler canceler;
   bool stopping = false;
-  std::shared_ptr<subscription_tracker> tracker = std::make_shared<subscription_tracker>();
+  std::shared_ptr<task_counter> tracker = std::make_shared<task_counter>();
 };
 
 control_server::control_server(std::string socket_path, node_control& node, control_limits limits)

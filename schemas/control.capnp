@@ -137,4 +137,23 @@ interface Control {
   # do not decode are `invalidArgument`; a full store is `unavailable`.
   # Calls may be pipelined: many in flight on one connection.
   send @9 (device :Text, module :Text, output :Text, message :Data) -> (status :Status, targets :UInt64);
+
+  # `send` for many messages in one call (at most 4096), each answered on its
+  # own: `results[i]` belongs to `items[i]`. Answers once every item is durable
+  # or refused. `canopyctl send --stdin` uses it for what its input holds.
+  sendBatch @10 (items :List(SendItem)) -> (results :List(SendResult));
+}
+
+# One message of sendBatch (the parameters of send).
+struct SendItem {
+  device @0 :Text;
+  module @1 :Text;
+  output @2 :Text;
+  message @3 :Data;
+}
+
+# The answer for one SendItem (the results of send).
+struct SendResult {
+  status @0 :Status;
+  targets @1 :UInt64;
 }
