@@ -2,13 +2,13 @@
 
 #include "gateway/certs.hpp"
 #include "gateway/hub_api.hpp"
+#include "gateway/tls.hpp"
 
 #include <kj/async-io.h>
 #include <kj/async-unix.h>
 #include <kj/compat/http.h>
 #include <kj/compat/tls.h>
 #include <kj/exception.h>
-#include <kj/vector.h>
 
 #include <algorithm>
 #include <charconv>
@@ -99,30 +99,6 @@ expected<parsed_url> parse_url(const std::string& url) {
       return fail("port '" + std::string(port_text) + "' must be 1 to 65535");
     }
     out.port = port;
-  }
-  return out;
-}
-
-constexpr std::string_view pem_begin = "-----BEGIN CERTIFICATE-----";
-constexpr std::string_view pem_end = "-----END CERTIFICATE-----";
-
-/// The PEM certificate blocks of `pem`, one each (kj trusts the first
-/// certificate of each kj::TlsCertificate only).
-std::vector<std::string> split_certificates(const std::string& pem) {
-  std::vector<std::string> out;
-  std::size_t pos = 0;
-  for (;;) {
-    auto begin = pem.find(pem_begin, pos);
-    if (begin == std::string::npos)
-      break;
-    auto end = pem.find(pem_end, begin);
-    if (end == std::string::npos) {
-      out.push_back(pem.substr(begin));  // truncated: the parser says so
-      break;
-    }
-    end += pem_end.size();
-    out.push_back(pem.substr(begin, end - begin) + "\n");
-    pos = end;
   }
   return out;
 }
@@ -287,22 +263,10 @@ expected<std::unique_ptr<hub_client>> hub_client::connect(hub_client_options opt
     auto pem = certs::read_file(options.ca_path);
     if (!pem)
       return std::move(pem).err();
-    auto blocks = split_certificates(*pem);
-    if (blocks.empty()) {
-      return make_error(errc::invalid_argument,
-                        "CA certificate " + options.ca_path + ": no PEM certificate found");
-    }
-    kj::Vector<kj::TlsCertificate> parsed;
-    for (std::size_t i = 0; i < blocks.size(); ++i) {
-      KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
-                     parsed.add(kj::TlsCertificate(kj::StringPtr(blocks[i].c_str())));
-                   })) {
-        return make_error(errc::invalid_argument, "CA certificate " + options.ca_path +
-                                                    ": cannot parse certificate #" +
-                                                    std::to_string(i + 1) + ": " + describe(*e));
-      }
-    }
-    trusted = parsed.releaseAsArray();
+    auto anchors = parse_trust_anchors(*pem, "CA certificate " + options.ca_path);
+    if (!anchors)
+      return std::move(anchors).err();
+    trusted = kj::mv(*anchors);
   }
 
   bool use_tls = url->tls;

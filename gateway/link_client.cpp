@@ -323,15 +323,7 @@ void link_client::impl::call(const char* what, std::uint64_t generation, reply_f
         return;
       }
       auto promise = kj::evalNow([&] { return make_call(c->parent()); });
-      self->io.add_task(promise
-                          .then([reply](expected<T> r) { reply->answer(std::move(r)); },
-                                [reply](kj::Exception&& e) {
-                                  auto err = from_exception(e);
-                                  if (!is_remote(e))
-                                    err.message = reply->what() + ": " + err.message;
-                                  reply->answer(std::move(err));
-                                })
-                          .attach(kj::heap<counted>(self->tasks)));
+      self->io.add_task(answer_when_settled(kj::mv(promise), reply, self->tasks));
     });
   if (!posted)
     reply->answer(

@@ -1,7 +1,8 @@
 // canopy::link_rpc — what both ends of a link share (internal to gateway/,
 // used by link_server.cpp and link_client.cpp): errors across the wire,
 // conversions between schemas/link.capnp and gateway/link.hpp's types, and the
-// bookkeeping that answers every reply exactly once and lets stop() wait.
+// bookkeeping that answers every reply exactly once and lets stop() wait
+// (with gateway/task_counter.hpp).
 //
 // Threading: everything here runs on the I/O thread, except drain_posts()
 // (any thread but the I/O thread) and the pure functions (any thread).
@@ -10,6 +11,7 @@
 #include "gateway/io_thread.hpp"
 #include "gateway/link.hpp"
 #include "gateway/node_control.hpp"  // reply_fn
+#include "gateway/task_counter.hpp"
 #include "runtime/expected.hpp"
 
 #include <link.capnp.h>
@@ -115,46 +117,24 @@ class once_reply {
   std::string what_;
 };
 
-/// Counts live connections and calls so stop() can wait for them. I/O thread only.
-class task_counter {
- public:
-  /// One more.
-  void added() { ++active_; }
-  /// One fewer; wakes when_idle() at zero.
-  void removed() {
-    if (--active_ == 0 && idle_.get() != nullptr) {
-      idle_->fulfill();
-      idle_ = nullptr;
-    }
-  }
-  /// Resolves once nothing is counted. One waiter at a time.
-  kj::Promise<void> when_idle() {
-    if (active_ == 0)
-      return kj::READY_NOW;
-    auto paf = kj::newPromiseAndFulfiller<void>();
-    idle_ = kj::mv(paf.fulfiller);
-    return kj::mv(paf.promise);
-  }
-
- private:
-  std::size_t active_ = 0;
-  kj::Own<kj::PromiseFulfiller<void>> idle_;
-};
-
-/// Holds one count of a task_counter while it lives.
-class counted {
- public:
-  /// Counts one on `counter` until destroyed.
-  explicit counted(std::shared_ptr<task_counter> counter) : counter_(std::move(counter)) {
-    counter_->added();
-  }
-  ~counted() { counter_->removed(); }
-  counted(const counted&) = delete;
-  counted& operator=(const counted&) = delete;
-
- private:
-  std::shared_ptr<task_counter> counter_;
-};
+/// Answers `reply` once `promise` settles: with its result, or with the error
+/// its exception stands for (from_exception(); prefixed with reply->what()
+/// unless the other end threw it). The returned task holds a count of `tasks`
+/// until then; add it to the I/O thread's tasks. I/O thread.
+template <class T>
+kj::Promise<void> answer_when_settled(kj::Promise<expected<T>> promise,
+                                      std::shared_ptr<once_reply<T>> reply,
+                                      std::shared_ptr<task_counter> tasks) {
+  return promise
+    .then([reply](expected<T> r) { reply->answer(std::move(r)); },
+          [reply](kj::Exception&& e) {
+            auto err = from_exception(e);
+            if (!is_remote(e))
+              err.message = reply->what() + ": " + err.message;
+            reply->answer(std::move(err));
+          })
+    .attach(kj::heap<counted>(std::move(tasks)));
+}
 
 /// Blocks until every function posted to `io` before this call has run.
 /// Not from the I/O thread.

@@ -241,15 +241,7 @@ class channel_impl final : public child_channel {
           return;
         }
         auto promise = kj::evalNow([&] { return make_call(c->child(), ctx); });
-        server->io.load()->add_task(promise
-                                      .then([reply](expected<T> r) { reply->answer(std::move(r)); },
-                                            [reply](kj::Exception&& e) {
-                                              auto err = from_exception(e);
-                                              if (!is_remote(e))
-                                                err.message = reply->what() + ": " + err.message;
-                                              reply->answer(std::move(err));
-                                            })
-                                      .attach(kj::heap<counted>(server->tasks)));
+        server->io.load()->add_task(answer_when_settled(kj::mv(promise), reply, server->tasks));
       });
     if (!posted)
       reply->answer(

@@ -14,38 +14,18 @@ namespace {
 
 using label = std::pair<std::string_view, std::string_view>;
 
-/// Label values: backslash, double quote and line feed are escaped.
-void append_label_value(std::string& out, std::string_view value) {
-  for (char c : value) {
-    switch (c) {
-      case '\\':
-        out += "\\\\";
-        break;
-      case '"':
-        out += "\\\"";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      default:
-        out.push_back(c);
-    }
-  }
-}
-
-/// HELP text: backslash and line feed are escaped.
-void append_help(std::string& out, std::string_view text) {
+/// Appends `text` with backslash and line feed escaped, and the double quote
+/// too if `in_quotes` (label values need it; HELP text does not).
+void append_escaped(std::string& out, std::string_view text, bool in_quotes) {
   for (char c : text) {
-    switch (c) {
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      default:
-        out.push_back(c);
-    }
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '\n')
+      out += "\\n";
+    else if (c == '"' && in_quotes)
+      out += "\\\"";
+    else
+      out.push_back(c);
   }
 }
 
@@ -86,7 +66,7 @@ class writer {
     out_ += "# HELP ";
     out_ += name;
     out_ += ' ';
-    append_help(out_, help);
+    append_escaped(out_, help, false);
     out_ += "\n# TYPE ";
     out_ += name;
     out_ += ' ';
@@ -107,7 +87,7 @@ class writer {
       first = false;
       out_ += k;
       out_ += "=\"";
-      append_label_value(out_, v);
+      append_escaped(out_, v, true);
       out_ += '"';
     };
     for (const auto& [k, v] : labels)
@@ -122,6 +102,13 @@ class writer {
       append_integer(out_, value);
     }
     out_ += '\n';
+  }
+
+  /// A family of one sample, labelled with the common labels only.
+  template <class Value>
+  void single(std::string_view name, std::string_view type, std::string_view help, Value value) {
+    family(name, type, help);
+    sample({}, value);
   }
 
   std::string take() { return std::move(out_); }
@@ -142,13 +129,12 @@ std::string render_prometheus(const metrics_snapshot& s) {
   const auto& m = s.messages;
 
   // --- Messages (edgeHub) ---
-  w.family("edgehub_messages_received_total", "counter",
-           "Total number of messages received from clients");
-  w.sample({}, m.received);
-  w.family("edgehub_messages_sent_total", "counter",
+  w.single("edgehub_messages_received_total", "counter",
+           "Total number of messages received from clients", m.received);
+  w.single("edgehub_messages_sent_total", "counter",
            "Total number of messages sent to clients or upstream (deliveries acknowledged by their "
-           "receiver)");
-  w.sample({}, m.sent);
+           "receiver)",
+           m.sent);
   w.family("edgehub_messages_dropped_total", "counter",
            "Total number of messages removed because of reason (no_route: matched no route; "
            "ttl_expiry: expired "
@@ -158,9 +144,8 @@ std::string render_prometheus(const metrics_snapshot& s) {
   w.family("edgehub_messages_unack_total", "counter",
            "Total number of messages refused (not acknowledged) because the store was full");
   w.sample({{"reason", "storage_failure"}}, m.dropped_store_full);
-  w.family("canopy_messages_redelivered_total", "counter",
-           "Messages delivered again after a restart (possible duplicates)");
-  w.sample({}, m.redelivered);
+  w.single("canopy_messages_redelivered_total", "counter",
+           "Messages delivered again after a restart (possible duplicates)", m.redelivered);
 
   w.family("edgehub_queue_length", "gauge",
            "Current length of the queue of an endpoint for a given priority");
@@ -175,32 +160,26 @@ std::string render_prometheus(const metrics_snapshot& s) {
     w.sample({{"endpoint", q.endpoint}, {"priority", priority}}, q.checkpoint);
   }
 
-  w.family("edgehub_connected_clients", "gauge",
-           "Current number of clients (modules, leaf devices) connected");
-  w.sample({}, s.connected_clients);
+  w.single("edgehub_connected_clients", "gauge",
+           "Current number of clients (modules, leaf devices) connected", s.connected_clients);
 
   // --- Message store ---
-  w.family("canopy_store_size_bytes", "gauge",
-           "Size of the message store file (without its write-ahead log)");
-  w.sample({}, m.store_bytes);
-  w.family("canopy_store_free_bytes", "gauge",
-           "Free pages in the message store file, reused before it grows");
-  w.sample({}, m.store_free_bytes);
+  w.single("canopy_store_size_bytes", "gauge",
+           "Size of the message store file (without its write-ahead log)", m.store_bytes);
+  w.single("canopy_store_free_bytes", "gauge",
+           "Free pages in the message store file, reused before it grows", m.store_free_bytes);
   w.family("canopy_store_limit_bytes", "gauge", "Configured size limit of the message store");
   if (m.store_limit_bytes > 0)
     w.sample({}, m.store_limit_bytes);
-  w.family("canopy_store_commits_total", "counter",
-           "Group commits (transactions with fsync) of the message store");
-  w.sample({}, m.commits);
-  w.family("canopy_store_commit_p50_seconds", "gauge",
-           "Median latency of the recent message store commits");
-  w.sample({}, seconds_from_us(m.commit_p50_us));
-  w.family("canopy_store_commit_p99_seconds", "gauge",
-           "99th percentile latency of the recent message store commits");
-  w.sample({}, seconds_from_us(m.commit_p99_us));
-  w.family("canopy_store_commit_max_seconds", "gauge",
-           "Longest of the recent message store commits");
-  w.sample({}, seconds_from_us(m.commit_max_us));
+  w.single("canopy_store_commits_total", "counter",
+           "Group commits (transactions with fsync) of the message store", m.commits);
+  w.single("canopy_store_commit_p50_seconds", "gauge",
+           "Median latency of the recent message store commits", seconds_from_us(m.commit_p50_us));
+  w.single("canopy_store_commit_p99_seconds", "gauge",
+           "99th percentile latency of the recent message store commits",
+           seconds_from_us(m.commit_p99_us));
+  w.single("canopy_store_commit_max_seconds", "gauge",
+           "Longest of the recent message store commits", seconds_from_us(m.commit_max_us));
 
   // --- Modules (edgeAgent) ---
   w.family("canopy_module_restarts_total", "counter", "Restarts of the module by its supervisor");

@@ -107,17 +107,9 @@ expected<std::unique_ptr<tls_config>> tls_config::build(
                     [&] { key = kj::TlsPrivateKey(as_kj(identity.key_pem)); })) {
     return make_error(errc::invalid_argument, key_label + ": cannot parse: " + describe(*e));
   }
-  auto blocks = split_certificates(ca_pem);
-  if (blocks.empty())
-    return make_error(errc::invalid_argument, ca_label + ": no PEM certificate found");
-  kj::Vector<kj::TlsCertificate> trusted;
-  for (std::size_t i = 0; i < blocks.size(); ++i) {
-    KJ_IF_MAYBE (e, kj::runCatchingExceptions(
-                      [&] { trusted.add(kj::TlsCertificate(as_kj(blocks[i]))); })) {
-      return make_error(errc::invalid_argument, ca_label + ": cannot parse certificate #" +
-                                                  std::to_string(i + 1) + ": " + describe(*e));
-    }
-  }
+  auto trusted = parse_trust_anchors(ca_pem, ca_label);
+  if (!trusted)
+    return std::move(trusted).err();
 
   // Our own checks, with clearer messages than a failed handshake would give.
   if (auto ok = certs::check_key_matches(identity); !ok) {
@@ -140,7 +132,7 @@ expected<std::unique_ptr<tls_config>> tls_config::build(
 
   auto config = std::make_unique<tls_config>(
     token{}, kj::TlsKeypair{kj::mv(KJ_ASSERT_NONNULL(key)), kj::mv(KJ_ASSERT_NONNULL(cert))},
-    trusted.releaseAsArray(), std::move(*cn), std::move(*thumbprint));
+    kj::mv(*trusted), std::move(*cn), std::move(*thumbprint));
   config->problem_ = std::move(problem);
 
   kj::TlsContext::Options options;
@@ -158,6 +150,22 @@ expected<std::unique_ptr<tls_config>> tls_config::build(
     return make_error(errc::failed, cert_label + ": cannot set up TLS: " + describe(*e));
   }
   return config;
+}
+
+expected<kj::Array<kj::TlsCertificate>> parse_trust_anchors(const std::string& ca_pem,
+                                                            const std::string& label) {
+  auto blocks = split_certificates(ca_pem);
+  if (blocks.empty())
+    return make_error(errc::invalid_argument, label + ": no PEM certificate found");
+  kj::Vector<kj::TlsCertificate> trusted;
+  for (std::size_t i = 0; i < blocks.size(); ++i) {
+    KJ_IF_MAYBE (e, kj::runCatchingExceptions(
+                      [&] { trusted.add(kj::TlsCertificate(as_kj(blocks[i]))); })) {
+      return make_error(errc::invalid_argument, label + ": cannot parse certificate #" +
+                                                  std::to_string(i + 1) + ": " + describe(*e));
+    }
+  }
+  return trusted.releaseAsArray();
 }
 
 std::string peer_common_name(kj::AuthenticatedStream& stream) {

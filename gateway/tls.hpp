@@ -98,6 +98,14 @@ class tls_config {
   kj::Own<kj::TlsContext> context_;  // points into keypair_ and trusted_; destroyed first
 };
 
+/// Parses the CA certificate(s) in `ca_pem` as trust anchors, one
+/// kj::TlsCertificate per PEM block (kj trusts only the first certificate of
+/// each). invalid_argument naming `label` ("CA certificate /x/ca.crt: no PEM
+/// certificate found", "...: cannot parse certificate #2: ...") if there is
+/// none or one does not parse. Any thread.
+expected<kj::Array<kj::TlsCertificate>> parse_trust_anchors(const std::string& ca_pem,
+                                                            const std::string& label);
+
 /// The subject CN of the peer's certificate on a stream from
 /// TlsContext::wrapServer/wrapClient(kj::AuthenticatedStream); "" if the stream is
 /// not TLS or the peer presented no certificate. I/O thread.

@@ -84,6 +84,22 @@ constexpr const char* deployment_columns =
 
 constexpr const char* status_columns = "deployment, device, status, detail, updated_ms";
 
+/// Binds the next parameter of a statement: strings as text, integers as int64.
+void bind_one(binder& b, std::string_view v) {
+  b.text(v);
+}
+void bind_one(binder& b, std::int64_t v) {
+  b.i64(v);
+}
+
+/// Binds `args` to parameters 1, 2, ... of `s`; SQLITE_OK or the first failure.
+template <class... Args>
+int bind_all(sqlite3_stmt* s, const Args&... args) {
+  binder b(s);
+  (bind_one(b, args), ...);
+  return b.rc();
+}
+
 /// How a user-supplied string is shown in a message: quoted, cut at 130 bytes.
 std::string shown(std::string_view s) {
   if (s.size() > 130)
@@ -204,12 +220,15 @@ struct ranked_deployment {
 };
 
 /// Compiles every deployment's condition and sorts them: priority descending,
-/// then newest first, then id ascending.
-expected<std::vector<ranked_deployment>> rank(std::vector<deployment_record> all,
+/// then newest first, then id ascending. An error in `all` (the listing failed)
+/// is passed on.
+expected<std::vector<ranked_deployment>> rank(expected<std::vector<deployment_record>> all,
                                               const std::string& path) {
+  if (!all)
+    return std::move(all).err();
   std::vector<ranked_deployment> out;
-  out.reserve(all.size());
-  for (auto& d : all) {
+  out.reserve(all->size());
+  for (auto& d : *all) {
     auto c = target_condition::compile(d.target_condition);
     if (!c)
       return make_error(errc::store_error, "registry '" + path + "': deployment '" + d.id +
@@ -394,12 +413,49 @@ error fleet_registry::stmt_error(sqlite3_stmt* s, int rc) const {
   return detail::stmt_error(label, path_, db_.get(), s, rc);
 }
 
-expected<void> fleet_registry::run(sqlite3_stmt* s) {
+template <class... Args>
+expected<void> fleet_registry::run(sqlite3_stmt* s, const Args&... args) {
   statement_use use(s);
+  if (const int rc = bind_all(s, args...); rc != SQLITE_OK)
+    return stmt_error(s, rc);
   const int rc = sqlite3_step(s);
   if (rc != SQLITE_DONE)
     return stmt_error(s, rc);
   return {};
+}
+
+template <class T, class Read, class... Args>
+expected<std::vector<T>> fleet_registry::rows(sqlite3_stmt* s, Read read, const Args&... args) {
+  statement_use use(s);
+  if (const int rc = bind_all(s, args...); rc != SQLITE_OK)
+    return stmt_error(s, rc);
+  std::vector<T> out;
+  int rc;
+  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+    expected<T> r = read(s);
+    if (!r)
+      return std::move(r).err();
+    out.push_back(std::move(*r));
+  }
+  if (rc != SQLITE_DONE)
+    return stmt_error(s, rc);
+  return out;
+}
+
+template <class T, class Read, class... Args>
+expected<std::optional<T>> fleet_registry::row(sqlite3_stmt* s, Read read, const Args&... args) {
+  statement_use use(s);
+  if (const int rc = bind_all(s, args...); rc != SQLITE_OK)
+    return stmt_error(s, rc);
+  const int rc = sqlite3_step(s);
+  if (rc == SQLITE_DONE)
+    return std::optional<T>();
+  if (rc != SQLITE_ROW)
+    return stmt_error(s, rc);
+  expected<T> r = read(s);
+  if (!r)
+    return std::move(r).err();
+  return std::optional<T>(std::move(*r));
 }
 
 // -- row readers -------------------------------------------------------------------
@@ -482,36 +538,13 @@ deployment_status read_status(sqlite3_stmt* s) {
 // -- devices -----------------------------------------------------------------------
 
 expected<std::optional<device_record>> fleet_registry::find_device(const std::string& id) {
-  sqlite3_stmt* s = get_device_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(id);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  const int rc = sqlite3_step(s);
-  if (rc == SQLITE_DONE)
-    return std::optional<device_record>();
-  if (rc != SQLITE_ROW)
-    return stmt_error(s, rc);
-  auto r = read_device(path_, s);
-  if (!r)
-    return std::move(r).err();
-  return std::optional<device_record>(std::move(*r));
+  return row<device_record>(
+    get_device_.get(), [this](sqlite3_stmt* s) { return read_device(path_, s); }, id);
 }
 
 expected<std::optional<std::string>> fleet_registry::parent_of(const std::string& id) {
-  sqlite3_stmt* s = get_parent_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(id);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  const int rc = sqlite3_step(s);
-  if (rc == SQLITE_DONE)
-    return std::optional<std::string>();
-  if (rc != SQLITE_ROW)
-    return stmt_error(s, rc);
-  return std::optional<std::string>(column_text(s, 0));
+  return row<std::string>(
+    get_parent_.get(), [](sqlite3_stmt* s) { return column_text(s, 0); }, id);
 }
 
 expected<void> fleet_registry::check_node(const std::string& id) {
@@ -527,25 +560,15 @@ expected<void> fleet_registry::check_node(const std::string& id) {
 
 expected<void> fleet_registry::write_device(const device_record& r) {
   const std::string tags = dump(r.tags.is_null() ? json::object() : r.tags);
-  sqlite3_stmt* s = insert_device_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(r.id)
-    .text(r.parent)
-    .text(r.kind)
-    .text(tags)
-    .text(r.auth)
-    .text(r.thumbprint)
-    .text(r.primary_key)
-    .text(r.secondary_key)
-    .i64(r.created_ms)
-    .i64(r.updated_ms)
-    .i64(r.last_seen_ms);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  const int rc = sqlite3_step(s);
-  if (rc != SQLITE_DONE)
-    return stmt_error(s, rc);
+  return run(insert_device_.get(), r.id, r.parent, r.kind, tags, r.auth, r.thumbprint,
+             r.primary_key, r.secondary_key, r.created_ms, r.updated_ms, r.last_seen_ms);
+}
+
+expected<void> fleet_registry::erase_device(const std::string& id) {
+  for (sqlite3_stmt* s :
+       {delete_statuses_of_device_.get(), delete_twins_.get(), delete_device_.get()})
+    if (auto ok = run(s, id); !ok)
+      return ok;
   return {};
 }
 
@@ -613,23 +636,10 @@ expected<device_record> fleet_registry::get_device(const std::string& id) {
 
 expected<std::vector<device_record>> fleet_registry::query_devices(sqlite3_stmt* s,
                                                                    const std::string& arg) {
-  statement_use use(s);
-  binder b(s);
-  if (sqlite3_bind_parameter_count(s) > 0)
-    b.text(arg);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  std::vector<device_record> out;
-  int rc;
-  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-    auto r = read_device(path_, s);
-    if (!r)
-      return std::move(r).err();
-    out.push_back(std::move(*r));
-  }
-  if (rc != SQLITE_DONE)
-    return stmt_error(s, rc);
-  return out;
+  const auto read = [this](sqlite3_stmt* r) { return read_device(path_, r); };
+  if (sqlite3_bind_parameter_count(s) == 0)
+    return rows<device_record>(s, read);
+  return rows<device_record>(s, read, arg);
 }
 
 expected<std::vector<device_record>> fleet_registry::list_devices() {
@@ -640,23 +650,15 @@ expected<void> fleet_registry::delete_device(const std::string& id) {
   if (auto ok = get_device(id); !ok)
     return std::move(ok).err();
   {
-    sqlite3_stmt* s = first_children_.get();
-    statement_use use(s);
-    binder b(s);
-    b.text(id);
-    if (b.rc() != SQLITE_OK)
-      return stmt_error(s, b.rc());
-    std::vector<std::string> kids;
-    int rc;
-    while ((rc = sqlite3_step(s)) == SQLITE_ROW)
-      kids.push_back(column_text(s, 0));
-    if (rc != SQLITE_DONE)
-      return stmt_error(s, rc);
-    if (!kids.empty()) {
+    auto kids = rows<std::string>(
+      first_children_.get(), [](sqlite3_stmt* s) { return column_text(s, 0); }, id);
+    if (!kids)
+      return std::move(kids).err();
+    if (!kids->empty()) {
       std::string names;
-      for (std::size_t i = 0; i < kids.size() && i < 5; ++i)
-        names += (i ? ", " : "") + kids[i];
-      if (kids.size() > 5)
+      for (std::size_t i = 0; i < kids->size() && i < 5; ++i)
+        names += (i ? ", " : "") + (*kids)[i];
+      if (kids->size() > 5)
         names += ", ...";
       return make_error(
         errc::invalid_argument,
@@ -666,17 +668,8 @@ expected<void> fleet_registry::delete_device(const std::string& id) {
   transaction tx(*this);
   if (auto ok = tx.begin(); !ok)
     return ok;
-  for (sqlite3_stmt* s :
-       {delete_statuses_of_device_.get(), delete_twins_.get(), delete_device_.get()}) {
-    statement_use use(s);
-    binder b(s);
-    b.text(id);
-    if (b.rc() != SQLITE_OK)
-      return stmt_error(s, b.rc());
-    const int rc = sqlite3_step(s);
-    if (rc != SQLITE_DONE)
-      return stmt_error(s, rc);
-  }
+  if (auto ok = erase_device(id); !ok)
+    return ok;
   return tx.commit();
 }
 
@@ -684,16 +677,8 @@ expected<device_record> fleet_registry::update_tags(const std::string& id, json 
   auto text = bounded_text(tags, "tags");
   if (!text)
     return std::move(text).err();
-  const std::int64_t now = now_ms();
-  sqlite3_stmt* s = update_tags_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(id).text(*text).i64(now);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  const int rc = sqlite3_step(s);
-  if (rc != SQLITE_DONE)
-    return stmt_error(s, rc);
+  if (auto ok = run(update_tags_.get(), id, *text, now_ms()); !ok)
+    return std::move(ok).err();
   if (sqlite3_changes(db_.get()) == 0)
     return make_error(errc::not_found, "registry: device " + shown(id) + " is not registered");
   return get_device(id);
@@ -717,15 +702,8 @@ expected<device_record> fleet_registry::patch_tags(const std::string& id, const 
 }
 
 expected<void> fleet_registry::touch_last_seen(const std::string& id, std::int64_t ms) {
-  sqlite3_stmt* s = touch_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(id).i64(ms);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  const int rc = sqlite3_step(s);
-  if (rc != SQLITE_DONE)
-    return stmt_error(s, rc);
+  if (auto ok = run(touch_.get(), id, ms); !ok)
+    return ok;
   if (sqlite3_changes(db_.get()) == 0)
     return make_error(errc::not_found, "registry: device " + shown(id) + " is not registered");
   return {};
@@ -892,17 +870,8 @@ expected<void> fleet_registry::replace_scope(const std::string& gateway_id,
   for (const auto& d : *current) {
     if (by_id.count(d.id) != 0)
       continue;
-    for (sqlite3_stmt* s :
-         {delete_statuses_of_device_.get(), delete_twins_.get(), delete_device_.get()}) {
-      statement_use use(s);
-      binder b(s);
-      b.text(d.id);
-      if (b.rc() != SQLITE_OK)
-        return stmt_error(s, b.rc());
-      const int rc = sqlite3_step(s);
-      if (rc != SQLITE_DONE)
-        return stmt_error(s, rc);
-    }
+    if (auto ok = erase_device(d.id); !ok)
+      return ok;
   }
   for (const auto& r : records)
     if (auto ok = write_device(r); !ok)
@@ -925,127 +894,109 @@ expected<void> fleet_registry::check_twin_key(const std::string& device,
 
 expected<std::optional<twin_record>> fleet_registry::find_twin(const std::string& device,
                                                                const std::string& module) {
-  sqlite3_stmt* s = get_twin_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(device).text(module);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  const int rc = sqlite3_step(s);
-  if (rc == SQLITE_DONE)
-    return std::optional<twin_record>();
-  if (rc != SQLITE_ROW)
-    return stmt_error(s, rc);
-  auto t = read_twin(path_, s, device);
-  if (!t)
-    return std::move(t).err();
-  return std::optional<twin_record>(std::move(*t));
+  return row<twin_record>(
+    get_twin_.get(), [&](sqlite3_stmt* s) { return read_twin(path_, s, device); }, device, module);
 }
 
 expected<void> fleet_registry::write_twin(const twin_record& t) {
   const std::string desired = dump(t.desired);
   const std::string reported = dump(t.reported);
-  sqlite3_stmt* s = upsert_twin_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(t.device)
-    .text(t.module)
-    .text(desired)
-    .i64(t.desired_version)
-    .i64(t.desired_updated_ms)
-    .text(reported)
-    .i64(t.reported_version)
-    .i64(t.reported_updated_ms);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  const int rc = sqlite3_step(s);
-  if (rc != SQLITE_DONE)
-    return stmt_error(s, rc);
-  return {};
+  return run(upsert_twin_.get(), t.device, t.module, desired, t.desired_version,
+             t.desired_updated_ms, reported, t.reported_version, t.reported_updated_ms);
 }
 
-expected<twin_record> fleet_registry::get_twin(const std::string& device,
-                                               const std::string& module) {
-  if (auto ok = check_twin_key(device, module); !ok)
-    return std::move(ok).err();
-  auto t = find_twin(device, module);
-  if (!t)
-    return std::move(t).err();
-  if (t->has_value())
-    return std::move(**t);
+expected<twin_record> fleet_registry::twin_or_empty(const std::string& device,
+                                                    const std::string& module) {
+  auto found = find_twin(device, module);
+  if (!found)
+    return std::move(found).err();
+  if (found->has_value())
+    return std::move(**found);
   twin_record empty;
   empty.device = device;
   empty.module = module;
   return empty;
 }
 
+expected<twin_record> fleet_registry::get_twin(const std::string& device,
+                                               const std::string& module) {
+  if (auto ok = check_twin_key(device, module); !ok)
+    return std::move(ok).err();
+  return twin_or_empty(device, module);
+}
+
 expected<std::vector<twin_record>> fleet_registry::list_twins(const std::string& device) {
   if (auto ok = check_node(device); !ok)
     return std::move(ok).err();
-  sqlite3_stmt* s = list_twins_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(device);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  std::vector<twin_record> out;
-  int rc;
-  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-    auto t = read_twin(path_, s, device);
-    if (!t)
-      return std::move(t).err();
-    out.push_back(std::move(*t));
-  }
-  if (rc != SQLITE_DONE)
-    return stmt_error(s, rc);
-  return out;
+  return rows<twin_record>(
+    list_twins_.get(), [&](sqlite3_stmt* s) { return read_twin(path_, s, device); }, device);
+}
+
+namespace {
+
+/// One side of a twin: its document, version and time of last change.
+struct twin_half {
+  json& doc;
+  std::int64_t& version;
+  std::int64_t& updated_ms;
+};
+
+twin_half half_of(twin_record& t, bool desired) {
+  if (desired)
+    return {t.desired, t.desired_version, t.desired_updated_ms};
+  return {t.reported, t.reported_version, t.reported_updated_ms};
+}
+
+/// "desired properties of 'dev/module'", for messages about a twin's side.
+std::string properties_of(std::string_view side, const std::string& device,
+                          const std::string& module) {
+  return std::string(side) + " properties of " + shown(twin_name(device, module));
+}
+
+}  // namespace
+
+expected<twin_record> fleet_registry::edit_twin(
+  const std::string& device, const std::string& module,
+  const std::function<expected<bool>(twin_record&)>& edit) {
+  if (auto ok = check_twin_key(device, module); !ok)
+    return std::move(ok).err();
+  transaction tx(*this);
+  if (auto ok = tx.begin(); !ok)
+    return std::move(ok).err();
+  auto t = twin_or_empty(device, module);
+  if (!t)
+    return t;
+  auto write = edit(*t);
+  if (!write)
+    return std::move(write).err();
+  if (!*write)
+    return t;  // nothing to change; the transaction rolls back (nothing written)
+  if (auto ok = write_twin(*t); !ok)
+    return std::move(ok).err();
+  if (auto ok = tx.commit(); !ok)
+    return std::move(ok).err();
+  return t;
 }
 
 expected<twin_record> fleet_registry::change_twin(const std::string& device,
                                                   const std::string& module, const json& doc,
                                                   twin_side side, bool merge) {
   const bool desired = side == twin_side::desired;
-  const std::string field = std::string(desired ? "desired" : "reported") + (merge ? " patch" : "");
-  if (auto ok = check_object(doc, field); !ok)
+  const std::string_view side_name = desired ? "desired" : "reported";
+  if (auto ok = check_object(doc, std::string(side_name) + (merge ? " patch" : "")); !ok)
     return std::move(ok).err();
-  if (auto ok = check_twin_key(device, module); !ok)
-    return std::move(ok).err();
-
-  transaction tx(*this);
-  if (auto ok = tx.begin(); !ok)
-    return std::move(ok).err();
-  auto found = find_twin(device, module);
-  if (!found)
-    return std::move(found).err();
-  twin_record t;
-  if (found->has_value()) {
-    t = std::move(**found);
-  } else {
-    t.device = device;
-    t.module = module;
-  }
-  json& target = desired ? t.desired : t.reported;
-  if (merge)
-    target.merge_patch(doc);
-  else
-    target = doc;
-  const std::string what = std::string(desired ? "desired" : "reported") + " properties of " +
-                           shown(twin_name(device, module));
-  if (auto text = bounded_text(target, what); !text)
-    return std::move(text).err();
-  const std::int64_t now = now_ms();
-  if (desired) {
-    ++t.desired_version;
-    t.desired_updated_ms = now;
-  } else {
-    ++t.reported_version;
-    t.reported_updated_ms = now;
-  }
-  if (auto ok = write_twin(t); !ok)
-    return std::move(ok).err();
-  if (auto ok = tx.commit(); !ok)
-    return std::move(ok).err();
-  return t;
+  return edit_twin(device, module, [&](twin_record& t) -> expected<bool> {
+    twin_half half = half_of(t, desired);
+    if (merge)
+      half.doc.merge_patch(doc);
+    else
+      half.doc = doc;
+    if (auto text = bounded_text(half.doc, properties_of(side_name, device, module)); !text)
+      return std::move(text).err();
+    ++half.version;
+    half.updated_ms = now_ms();
+    return true;
+  });
 }
 
 expected<twin_record> fleet_registry::patch_desired(const std::string& device,
@@ -1076,44 +1027,26 @@ expected<twin_record> fleet_registry::set_desired_full(const std::string& device
 }
 
 expected<twin_record> fleet_registry::set_full(const std::string& device, const std::string& module,
-                                               const json& doc, std::int64_t version, twin_side side) {
-  const bool reported = side == twin_side::reported;
-  const char* label = reported ? "reported" : "desired";
+                                               const json& doc, std::int64_t version,
+                                               twin_side side) {
+  const bool desired = side == twin_side::desired;
+  const std::string_view side_name = desired ? "desired" : "reported";
   if (version < 0)
     return make_error(errc::invalid_argument,
                       "registry: version: must be >= 0, not " + std::to_string(version));
-  if (auto ok = check_object(doc, label); !ok)
+  if (auto ok = check_object(doc, side_name); !ok)
     return std::move(ok).err();
-  const std::string what = std::string{label} + " properties of " + shown(twin_name(device, module));
-  if (auto text = bounded_text(doc, what); !text)
+  if (auto text = bounded_text(doc, properties_of(side_name, device, module)); !text)
     return std::move(text).err();
-  if (auto ok = check_twin_key(device, module); !ok)
-    return std::move(ok).err();
-
-  transaction tx(*this);
-  if (auto ok = tx.begin(); !ok)
-    return std::move(ok).err();
-  auto found = find_twin(device, module);
-  if (!found)
-    return std::move(found).err();
-  twin_record t;
-  if (found->has_value()) {
-    t = std::move(**found);
-  } else {
-    t.device = device;
-    t.module = module;
-  }
-  auto& current_version = reported ? t.reported_version : t.desired_version;
-  if (version <= current_version)
-    return t;  // ours is as new or newer; the transaction rolls back (nothing written)
-  (reported ? t.reported : t.desired) = doc;
-  current_version = version;
-  (reported ? t.reported_updated_ms : t.desired_updated_ms) = now_ms();
-  if (auto ok = write_twin(t); !ok)
-    return std::move(ok).err();
-  if (auto ok = tx.commit(); !ok)
-    return std::move(ok).err();
-  return t;
+  return edit_twin(device, module, [&](twin_record& t) -> expected<bool> {
+    twin_half half = half_of(t, desired);
+    if (version <= half.version)
+      return false;  // ours is as new or newer
+    half.doc = doc;
+    half.version = version;
+    half.updated_ms = now_ms();
+    return true;
+  });
 }
 
 // -- deployments -----------------------------------------------------------------------
@@ -1152,43 +1085,24 @@ expected<deployment_record> fleet_registry::create_deployment(const deployment_r
   }
 
   d.created_ms = now_ms();
-  sqlite3_stmt* s = insert_deployment_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(d.id).text(d.manifest_json).text(d.target_condition).i64(d.priority).i64(d.created_ms);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  const int rc = sqlite3_step(s);
-  if (rc != SQLITE_DONE)
-    return stmt_error(s, rc);
+  if (auto ok = run(insert_deployment_.get(), d.id, d.manifest_json, d.target_condition, d.priority,
+                    d.created_ms);
+      !ok)
+    return std::move(ok).err();
   return d;
 }
 
 expected<deployment_record> fleet_registry::get_deployment(const std::string& id) {
-  sqlite3_stmt* s = get_deployment_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(id);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  const int rc = sqlite3_step(s);
-  if (rc == SQLITE_DONE)
+  auto d = row<deployment_record>(get_deployment_.get(), read_deployment, id);
+  if (!d)
+    return std::move(d).err();
+  if (!d->has_value())
     return make_error(errc::not_found, "registry: deployment " + shown(id) + " does not exist");
-  if (rc != SQLITE_ROW)
-    return stmt_error(s, rc);
-  return read_deployment(s);
+  return std::move(**d);
 }
 
 expected<std::vector<deployment_record>> fleet_registry::list_deployments() {
-  sqlite3_stmt* s = list_deployments_.get();
-  statement_use use(s);
-  std::vector<deployment_record> out;
-  int rc;
-  while ((rc = sqlite3_step(s)) == SQLITE_ROW)
-    out.push_back(read_deployment(s));
-  if (rc != SQLITE_DONE)
-    return stmt_error(s, rc);
-  return out;
+  return rows<deployment_record>(list_deployments_.get(), read_deployment);
 }
 
 expected<void> fleet_registry::delete_deployment(const std::string& id) {
@@ -1197,16 +1111,9 @@ expected<void> fleet_registry::delete_deployment(const std::string& id) {
   transaction tx(*this);
   if (auto ok = tx.begin(); !ok)
     return ok;
-  for (sqlite3_stmt* s : {delete_statuses_of_deployment_.get(), delete_deployment_.get()}) {
-    statement_use use(s);
-    binder b(s);
-    b.text(id);
-    if (b.rc() != SQLITE_OK)
-      return stmt_error(s, b.rc());
-    const int rc = sqlite3_step(s);
-    if (rc != SQLITE_DONE)
-      return stmt_error(s, rc);
-  }
+  for (sqlite3_stmt* s : {delete_statuses_of_deployment_.get(), delete_deployment_.get()})
+    if (auto ok = run(s, id); !ok)
+      return ok;
   return tx.commit();
 }
 
@@ -1214,10 +1121,7 @@ expected<std::optional<deployment_record>> fleet_registry::deployment_for(
   const device_record& device) {
   if (device.kind != "gateway")
     return std::optional<deployment_record>();
-  auto all = list_deployments();
-  if (!all)
-    return std::move(all).err();
-  auto ranked = rank(std::move(*all), path_);
+  auto ranked = rank(list_deployments(), path_);
   if (!ranked)
     return std::move(ranked).err();
   const deployment_record* best = first_match(*ranked, device);
@@ -1227,10 +1131,7 @@ expected<std::optional<deployment_record>> fleet_registry::deployment_for(
 }
 
 expected<std::map<std::string, std::string>> fleet_registry::assignments() {
-  auto all = list_deployments();
-  if (!all)
-    return std::move(all).err();
-  auto ranked = rank(std::move(*all), path_);
+  auto ranked = rank(list_deployments(), path_);
   if (!ranked)
     return std::move(ranked).err();
   auto gateways = query_devices(list_gateways_.get(), {});
@@ -1254,41 +1155,20 @@ expected<deployment_status> fleet_registry::set_status(const deployment_status& 
     return std::move(ok).err();
   deployment_status st = status;
   st.updated_ms = now_ms();
-  sqlite3_stmt* s = upsert_status_.get();
-  statement_use use(s);
-  binder b(s);
-  b.text(st.deployment).text(st.device).text(st.status).text(st.detail).i64(st.updated_ms);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  const int rc = sqlite3_step(s);
-  if (rc != SQLITE_DONE)
-    return stmt_error(s, rc);
+  if (auto ok =
+        run(upsert_status_.get(), st.deployment, st.device, st.status, st.detail, st.updated_ms);
+      !ok)
+    return std::move(ok).err();
   return st;
-}
-
-expected<std::vector<deployment_status>> fleet_registry::query_statuses(sqlite3_stmt* s,
-                                                                        const std::string& arg) {
-  statement_use use(s);
-  binder b(s);
-  b.text(arg);
-  if (b.rc() != SQLITE_OK)
-    return stmt_error(s, b.rc());
-  std::vector<deployment_status> out;
-  int rc;
-  while ((rc = sqlite3_step(s)) == SQLITE_ROW)
-    out.push_back(read_status(s));
-  if (rc != SQLITE_DONE)
-    return stmt_error(s, rc);
-  return out;
 }
 
 expected<std::vector<deployment_status>> fleet_registry::statuses_of(
   const std::string& deployment) {
-  return query_statuses(statuses_of_.get(), deployment);
+  return rows<deployment_status>(statuses_of_.get(), read_status, deployment);
 }
 
 expected<std::vector<deployment_status>> fleet_registry::status_of(const std::string& device) {
-  return query_statuses(status_of_.get(), device);
+  return rows<deployment_status>(status_of_.get(), read_status, device);
 }
 
 }  // namespace canopy

@@ -35,6 +35,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -331,24 +332,42 @@ class fleet_registry {
   expected<void> prepare_statements();
   std::int64_t now_ms() const { return wall_->wall_ms(); }
   error stmt_error(sqlite3_stmt* s, int rc) const;
-  expected<void> run(sqlite3_stmt* s);  // steps a statement with no rows (bound already)
+  // Binds `args` to s's parameters 1, 2, ... in order (strings as text,
+  // integers as int64), steps it once expecting no rows, and resets it.
+  template <class... Args>
+  expected<void> run(sqlite3_stmt* s, const Args&... args);
+  // Binds `args` as run() does and returns every row of `s`, each read by
+  // read(s) (a T or an expected<T>; the first error stops the query).
+  template <class T, class Read, class... Args>
+  expected<std::vector<T>> rows(sqlite3_stmt* s, Read read, const Args&... args);
+  // The same for a statement that returns at most one row; nullopt if none.
+  template <class T, class Read, class... Args>
+  expected<std::optional<T>> row(sqlite3_stmt* s, Read read, const Args&... args);
 
   expected<std::optional<device_record>> find_device(const std::string& id);
   expected<std::optional<std::string>> parent_of(const std::string& id);
   expected<void> check_node(const std::string& id);  // registered or the root
   expected<void> write_device(const device_record& r);
+  // Deletes a device's row, twins and statuses (inside the caller's transaction).
+  expected<void> erase_device(const std::string& id);
   expected<device_record> update_tags(const std::string& id, nlohmann::json tags);
   expected<void> check_twin_key(const std::string& device, const std::string& module);
   expected<std::optional<twin_record>> find_twin(const std::string& device,
                                                  const std::string& module);
   expected<void> write_twin(const twin_record& t);
+  // The stored twin of (device, module), or an empty one (versions 0) if none.
+  expected<twin_record> twin_or_empty(const std::string& device, const std::string& module);
+  // Checks the key, then in one transaction loads the twin (twin_or_empty) and
+  // calls `edit` on it; writes and commits it if `edit` returns true, rolls
+  // back if false or an error. Returns the twin as `edit` left it.
+  expected<twin_record> edit_twin(const std::string& device, const std::string& module,
+                                  const std::function<expected<bool>(twin_record&)>& edit);
   enum class twin_side { desired, reported };
   expected<twin_record> set_full(const std::string& device, const std::string& module,
                                  const nlohmann::json& doc, std::int64_t version, twin_side side);
   expected<twin_record> change_twin(const std::string& device, const std::string& module,
                                     const nlohmann::json& doc, twin_side side, bool merge);
   expected<std::vector<device_record>> query_devices(sqlite3_stmt* s, const std::string& arg);
-  expected<std::vector<deployment_status>> query_statuses(sqlite3_stmt* s, const std::string& arg);
 
   std::string path_;
   std::string root_id_;

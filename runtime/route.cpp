@@ -54,6 +54,8 @@
 // (64 levels of parentheses, unary operators and calls) and the height of the
 // expression tree (256), so no input can exhaust the stack.
 
+#include "runtime/ascii.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -93,54 +95,7 @@ namespace route_detail {
 constexpr int max_nesting = 64;
 constexpr int max_height = 256;
 
-char ascii_lower(char c) noexcept {
-  return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
-}
-
-char ascii_upper(char c) noexcept {
-  return (c >= 'a' && c <= 'z') ? static_cast<char>(c - 'a' + 'A') : c;
-}
-
-bool iequals(std::string_view a, std::string_view b) noexcept {
-  if (a.size() != b.size())
-    return false;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    if (ascii_lower(a[i]) != ascii_lower(b[i]))
-      return false;
-  return true;
-}
-
-bool is_alpha(char c) noexcept {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
-}
-
-bool is_digit(char c) noexcept {
-  return c >= '0' && c <= '9';
-}
-
-bool is_ident_start(char c) noexcept {
-  return is_alpha(c) || c == '_';
-}
-
-bool is_ident_char(char c) noexcept {
-  return is_alpha(c) || is_digit(c) || c == '_';
-}
-
-bool is_space(char c) noexcept {
-  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
-}
-
-// How a character is shown in an error message.
-std::string describe_char(char c) {
-  auto u = static_cast<unsigned char>(c);
-  if (u >= 0x20 && u < 0x7f)
-    return std::string("'") + c + "'";
-  static constexpr char hex[] = "0123456789abcdef";
-  std::string s = "byte 0x";
-  s += hex[u >> 4];
-  s += hex[u & 15];
-  return s;
-}
+using namespace ascii;
 
 // A number written in full, as in a property value: optional sign, digits with
 // an optional fraction and exponent. No "inf"/"nan", no spaces, no hex.
@@ -604,7 +559,7 @@ value call(const node& n, eval_context& ctx) {
         return value::undefined();
       std::string out{a[0].s};
       for (char& c : out)
-        c = n.func == fn::lower ? ascii_lower(c) : ascii_upper(c);
+        c = n.func == fn::lower ? to_lower(c) : to_upper(c);
       return value::string(ctx.keep(std::move(out)));
     }
     case fn::substring: {
@@ -1177,7 +1132,7 @@ bool parser::lex_string(token& t) {
           for (std::size_t i = 0; i < 4; ++i) {
             char h = at + i < text_.size() ? text_[at + i] : '\0';
             int d = is_digit(h)                                        ? h - '0'
-                    : (ascii_lower(h) >= 'a' && ascii_lower(h) <= 'f') ? ascii_lower(h) - 'a' + 10
+                    : (to_lower(h) >= 'a' && to_lower(h) <= 'f') ? to_lower(h) - 'a' + 10
                                                                        : -1;
             if (d < 0)
               return false;
@@ -1236,7 +1191,7 @@ bool parser::lex_number(token& t) {
     std::uint64_t v = 0;
     std::size_t digits = 0;
     for (;; ++pos_, ++digits) {
-      char h = ascii_lower(peek());
+      char h = to_lower(peek());
       int d = is_digit(h) ? h - '0' : (h >= 'a' && h <= 'f') ? h - 'a' + 10 : -1;
       if (d < 0)
         break;

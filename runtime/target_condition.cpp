@@ -27,6 +27,8 @@
 //
 // Errors read "target condition: column N: what", N the 1-based byte column.
 
+#include "runtime/ascii.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <charconv>
@@ -72,53 +74,10 @@ using json = nlohmann::json;
 
 // -- characters -----------------------------------------------------------------
 
-char ascii_lower(char c) noexcept {
-  return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
-}
-
-bool iequals(std::string_view a, std::string_view b) noexcept {
-  if (a.size() != b.size())
-    return false;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    if (ascii_lower(a[i]) != ascii_lower(b[i]))
-      return false;
-  return true;
-}
-
-bool is_alpha(char c) noexcept {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
-}
-
-bool is_digit(char c) noexcept {
-  return c >= '0' && c <= '9';
-}
-
-bool is_word_start(char c) noexcept {
-  return is_alpha(c) || c == '_';
-}
-
-bool is_word_char(char c) noexcept {
-  return is_alpha(c) || is_digit(c) || c == '_';
-}
+using namespace ascii;
 
 bool is_name_char(char c) noexcept {
-  return is_word_char(c) || c == '-' || c == '$';
-}
-
-bool is_space(char c) noexcept {
-  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
-}
-
-/// How a character is shown in an error message.
-std::string describe_char(char c) {
-  const auto u = static_cast<unsigned char>(c);
-  if (u >= 0x20 && u < 0x7f)
-    return std::string("'") + c + "'";
-  static constexpr char hex[] = "0123456789abcdef";
-  std::string s = "byte 0x";
-  s += hex[u >> 4];
-  s += hex[u & 0xf];
-  return s;
+  return is_ident_char(c) || c == '-' || c == '$';
 }
 
 // -- tokens -----------------------------------------------------------------------
@@ -273,8 +232,8 @@ class parser {
     }
     if (is_digit(c) || c == '-')
       return lex_number();
-    if (is_word_start(c)) {
-      while (pos_ < text_.size() && is_word_char(text_[pos_]))
+    if (is_ident_start(c)) {
+      while (pos_ < text_.size() && is_ident_char(text_[pos_]))
         ++pos_;
       cur_.type = tok::word;
       cur_.raw = text_.substr(start, pos_ - start);
@@ -351,7 +310,7 @@ class parser {
       if (!digits())
         return lex_fail(start, "malformed number (expected a digit in the exponent)");
     }
-    if (pos_ < text_.size() && (is_word_char(text_[pos_]) || text_[pos_] == '.'))
+    if (pos_ < text_.size() && (is_ident_char(text_[pos_]) || text_[pos_] == '.'))
       return lex_fail(start, "malformed number (followed by " + describe_char(text_[pos_]) + ")");
     const std::string_view raw = text_.substr(start, pos_ - start);
     const char* first = raw.data();

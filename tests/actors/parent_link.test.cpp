@@ -296,26 +296,17 @@ struct fixture : canopy::unit_test::actor_fixture {
       UNSCOPED_INFO("unexpected " << m->kind << " " << m->name << " " << m->token);
     return !m;
   }
-  void expect_delivered(std::uint64_t token) {
+  /// The next message to the router, which must be a `kind` about "$upstream".
+  router_msg expect(const std::string& kind) {
     auto m = next();
     REQUIRE(m);
-    CHECK(m->kind == "delivered");
+    CHECK(m->kind == kind);
     CHECK(m->name == "$upstream");
-    CHECK(m->token == token);
+    return *m;
   }
-  void expect_nack() {
-    auto m = next();
-    REQUIRE(m);
-    CHECK(m->kind == "nack");
-    CHECK(m->name == "$upstream");
-  }
-  void expect_module_up() {
-    auto m = next();
-    REQUIRE(m);
-    CHECK(m->kind == "module_up");
-    CHECK(m->name == "$upstream");
-    CHECK(m->who == link);
-  }
+  void expect_delivered(std::uint64_t token) { CHECK(expect("delivered").token == token); }
+  void expect_nack() { expect("nack"); }
+  void expect_module_up() { CHECK(expect("module_up").who == link); }
 
   /// Starts the link and brings the first connection up.
   void start_up() {

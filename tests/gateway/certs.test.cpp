@@ -3,6 +3,7 @@
 #include "gateway/certs.hpp"
 
 #include "temp_dir.hpp"
+#include "test_certs.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -14,19 +15,10 @@
 #include <string>
 
 using namespace canopy;
+using canopy::unit_test::fleet_ca;
 using namespace std::chrono_literals;
 
 namespace {
-
-const certs::key_and_cert& fleet_ca() {
-  // One CA for the whole file: key generation is cheap, but there is no need to repeat it.
-  static const certs::key_and_cert ca = [] {
-    auto made = certs::create_root_ca("Test fleet root CA", 24h * 30);
-    REQUIRE(made.ok());
-    return *made;
-  }();
-  return ca;
-}
 
 mode_t file_mode(const std::string& path) {
   struct stat st {};

@@ -7,6 +7,7 @@
 #include "gateway/certs.hpp"
 #include "gateway/io_thread.hpp"
 #include "gateway/tls.hpp"
+#include "test_certs.hpp"
 
 #include <link.capnp.h>
 
@@ -33,34 +34,10 @@
 #include <unistd.h>
 
 using namespace canopy;
+using namespace canopy::unit_test;
 using namespace std::chrono_literals;
 
 namespace {
-
-// --- Certificates ----------------------------------------------------------------
-
-const certs::key_and_cert& fleet_ca() {
-  static const certs::key_and_cert ca = [] {
-    auto made = certs::create_root_ca("Link test fleet CA", 24h);
-    REQUIRE(made.ok());
-    return *made;
-  }();
-  return ca;
-}
-
-certs::key_and_cert issue(const std::string& id, const certs::key_and_cert& ca = fleet_ca()) {
-  auto kc = certs::issue(ca, certs::for_id(id, 24h));
-  REQUIRE(kc.ok());
-  return *kc;
-}
-
-std::unique_ptr<tls_config> config(const certs::key_and_cert& identity, tls_role role,
-                                   const std::string& ca_pem = fleet_ca().cert_pem) {
-  auto made = tls_config::from_pem(identity, ca_pem, role);
-  INFO((made.ok() ? std::string() : made.err().message));
-  REQUIRE(made.ok());
-  return std::move(*made);
-}
 
 // --- Waiting for things that happen on other threads ------------------------------
 
@@ -98,6 +75,34 @@ class mailbox {
 template <class T>
 reply_fn<T> into(mailbox<expected<T>>& box) {
   return [&box](expected<T> r) { box.push(std::move(r)); };
+}
+
+/// The next answer in `box`, which must come and be a success.
+template <class T>
+expected<T> next_ok(mailbox<expected<T>>& box) {
+  auto answer = box.pop();
+  REQUIRE(answer.has_value());
+  INFO((answer->ok() ? std::string() : answer->err().message));
+  REQUIRE(answer->ok());
+  return std::move(*answer);
+}
+
+/// The error of the next answer in `box`, which must come and be a failure.
+template <class T>
+error next_error(mailbox<expected<T>>& box) {
+  auto answer = box.pop();
+  REQUIRE(answer.has_value());
+  REQUIRE_FALSE(answer->ok());
+  return std::move(*answer).err();
+}
+
+/// Connects `c`, its events going to `events`, and waits for the first one.
+link_event connect(link_client& c, mailbox<link_event>& events) {
+  auto generation = c.connect([&events](link_event e) { events.push(std::move(e)); });
+  auto first = events.pop();
+  REQUIRE(first.has_value());
+  CHECK(first->generation == generation);
+  return *first;
 }
 
 // --- The fakes of the actor side ----------------------------------------------------
@@ -207,6 +212,7 @@ struct fixture {
     REQUIRE(server->port() != 0);
   }
   ~fixture() {
+    gw1.reset();
     if (server)
       server->stop();
     io.stop();
@@ -221,13 +227,21 @@ struct fixture {
       io, link_client_options{address(), parent_id, node_id, tls, limits}, handler);
   }
 
-  /// Connects `c` and waits for its first event.
-  link_event connect(link_client& c, mailbox<link_event>& events) {
-    auto generation = c.connect([&events](link_event e) { events.push(std::move(e)); });
-    auto first = events.pop();
-    REQUIRE(first.has_value());
-    CHECK(first->generation == generation);
-    return *first;
+  /// Connects gw1 (its client in `gw1`, its events in `gw1_events`) and
+  /// requires it to come up; returns the up event.
+  link_event connect_gw1() {
+    gw1 = client(gw1_tls.get());
+    auto up = connect(*gw1, gw1_events);
+    INFO(up.error);
+    REQUIRE(up.up);
+    return up;
+  }
+
+  /// The server's channel to the next child that comes up.
+  std::shared_ptr<child_channel> next_channel() {
+    auto channel = host.ups.pop();
+    REQUIRE(channel.has_value());
+    return *channel;
   }
 
   // Declaration order is destruction order reversed: the server stops before
@@ -238,6 +252,25 @@ struct fixture {
   std::unique_ptr<tls_config> server_tls = config(issue("hub"), tls_role::server_verify_clients);
   std::unique_ptr<tls_config> gw1_tls = config(issue("gw1"), tls_role::client);
   std::unique_ptr<link_server> server;
+  mailbox<link_event> gw1_events;
+  std::unique_ptr<link_client> gw1;  // reset first: it talks to the server on `io`
+};
+
+/// The child's side alone (gw1's identity, a fake handler, an I/O thread), for
+/// parents played by the test.
+struct child_fixture {
+  child_fixture() { REQUIRE(io.start().ok()); }
+  ~child_fixture() { io.stop(); }
+
+  /// A client of the parent "hub" at `address`, as gw1.
+  std::unique_ptr<link_client> client(const std::string& address, link_limits limits = {}) {
+    return std::make_unique<link_client>(
+      io, link_client_options{address, "hub", "gw1", tls.get(), limits}, handler);
+  }
+
+  io_thread io;
+  fake_handler handler;
+  std::unique_ptr<tls_config> tls = config(issue("gw1"), tls_role::client);
 };
 
 message make_message(int i) {
@@ -307,33 +340,38 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> tcp_connect(kj::AsyncIoContext& ctx,
     [](kj::Own<kj::NetworkAddress> a) { return a->connect().attach(kj::mv(a)); });
 }
 
+/// A hostile client on `io`: connects to `address`, completes a TLS handshake
+/// with the parent "hub" using `tls` (unless null), writes `bytes` (if any) and
+/// reports whether the server ends the connection within 5 s.
+bool closed_after_sending(io_thread& io, const std::string& address, tls_config* tls,
+                          kj::Array<kj::byte> bytes = nullptr) {
+  return io.run_sync([&](kj::AsyncIoContext& ctx) {
+    auto& timer = ctx.provider->getTimer();
+    return tcp_connect(ctx, address)
+      .then([tls](kj::Own<kj::AsyncIoStream> tcp) -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
+        if (tls == nullptr)
+          return kj::mv(tcp);
+        return tls->context().wrapClient(kj::mv(tcp), "hub");
+      })
+      .then([&timer, bytes = kj::mv(bytes)](kj::Own<kj::AsyncIoStream> stream) mutable {
+        if (bytes.size() == 0)
+          return closed_by_peer(kj::mv(stream), timer, 5 * kj::SECONDS);
+        auto& s = *stream;
+        return s.write(bytes.begin(), bytes.size())
+          .attach(kj::mv(bytes))
+          .then([stream = kj::mv(stream), &timer]() mutable {
+            return closed_by_peer(kj::mv(stream), timer, 5 * kj::SECONDS);
+          });
+      });
+  });
+}
+
 kj::Array<kj::byte> garbage(std::size_t n) {
   auto bytes = kj::heapArray<kj::byte>(n);
   for (std::size_t i = 0; i < n; ++i)
     bytes[i] = static_cast<kj::byte>((i * 7919u + 13u) ^ 0xA5u);
   return bytes;
 }
-
-/// A TlsContext built by hand, bypassing tls_config's checks: a client whose
-/// certificate tls_config would refuse to load (expired).
-struct raw_tls_client {
-  explicit raw_tls_client(const certs::key_and_cert& identity) {
-    trusted = kj::heapArray<kj::TlsCertificate>(
-      {kj::TlsCertificate(kj::StringPtr(fleet_ca().cert_pem.c_str()))});
-    keypair = kj::TlsKeypair{kj::TlsPrivateKey(kj::StringPtr(identity.key_pem.c_str())),
-                             kj::TlsCertificate(kj::StringPtr(identity.cert_pem.c_str()))};
-    kj::TlsContext::Options options;
-    options.useSystemTrustStore = false;
-    options.trustedCertificates = trusted.asPtr();
-    KJ_IF_MAYBE (kp, keypair) {
-      options.defaultKeypair = *kp;
-    }
-    context = kj::heap<kj::TlsContext>(kj::mv(options));
-  }
-  kj::Array<kj::TlsCertificate> trusted;
-  kj::Maybe<kj::TlsKeypair> keypair;
-  kj::Own<kj::TlsContext> context;
-};
 
 /// A parent played by the test: on hello it sends the child a syncScope whose
 /// second entry has broken tagsJson, and reports how that call ended.
@@ -429,32 +467,22 @@ class silent_listener {
 
 TEST_CASE("a child connects: hello answers the parent's id, ping and reportTwins work", "[link]") {
   fixture f;
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  auto up = f.connect(*client, events);
-  INFO(up.error);
-  REQUIRE(up.up);
+  auto up = f.connect_gw1();
   CHECK(up.parent_id == "hub");
   CHECK(f.host.admits.pop() == std::optional<std::string>("gw1"));
-  auto channel = f.host.ups.pop();
-  REQUIRE(channel.has_value());
-  CHECK((*channel)->child_id() == "gw1");
-  CHECK((*channel)->id() != 0);
+  auto channel = f.next_channel();
+  CHECK(channel->child_id() == "gw1");
+  CHECK(channel->id() != 0);
 
   mailbox<expected<std::chrono::microseconds>> pings;
-  client->ping(up.generation, into(pings));
-  auto rtt = pings.pop();
-  REQUIRE(rtt.has_value());
-  REQUIRE(rtt->ok());
-  CHECK(rtt->value().count() > 0);
+  f.gw1->ping(up.generation, into(pings));
+  CHECK(next_ok(pings)->count() > 0);
 
   mailbox<expected<void>> reported;
-  client->report_twins(up.generation,
-                       {twin_update{"gw1", "$edgeAgent", R"({"modules":{}})", 7, true}},
-                       into(reported));
-  auto answer = reported.pop();
-  REQUIRE(answer.has_value());
-  CHECK(answer->ok());
+  f.gw1->report_twins(up.generation,
+                      {twin_update{"gw1", "$edgeAgent", R"({"modules":{}})", 7, true}},
+                      into(reported));
+  CHECK(next_ok(reported).ok());
   auto report = f.host.reports.pop();
   REQUIRE(report.has_value());
   CHECK(report->first == "gw1");
@@ -469,24 +497,20 @@ TEST_CASE("an upload reaches the link host intact and is answered only after the
           "[link]") {
   fixture f;
   f.host.hold_uploads = true;
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  auto up = f.connect(*client, events);
-  REQUIRE(up.up);
-  auto channel = f.host.ups.pop();
-  REQUIRE(channel.has_value());
+  auto up = f.connect_gw1();
+  auto channel = f.next_channel();
 
   mailbox<expected<std::uint32_t>> answers;
   auto sent = make_batch(3);
   sent[2].device = "leaf-7";
   sent[2].module = "";
   sent[2].output = "";
-  client->upload(up.generation, sent, into(answers));
+  f.gw1->upload(up.generation, sent, into(answers));
 
   auto call = f.host.uploads.pop();
   REQUIRE(call.has_value());
   CHECK(call->child == "gw1");
-  CHECK(call->channel == (*channel)->id());
+  CHECK(call->channel == channel->id());
   REQUIRE(call->batch.size() == 3);
   for (int i = 0; i < 3; ++i) {
     const auto& got = call->batch[i];
@@ -501,27 +525,18 @@ TEST_CASE("an upload reaches the link host intact and is answered only after the
   CHECK(answers.empty());
   std::thread replier([done = call->done] { done(3u); });
   replier.join();
-  auto accepted = answers.pop();
-  REQUIRE(accepted.has_value());
-  INFO((accepted->ok() ? std::string() : accepted->err().message));
-  REQUIRE(accepted->ok());
-  CHECK(**accepted == 3u);
+  CHECK(*next_ok(answers) == 3u);
 }
 
 TEST_CASE("a failure of the link host reaches the child with its code and message", "[link]") {
   fixture f;
   f.host.upload_error = make_error(errc::unavailable, "store full: 100 MiB limit");
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  auto up = f.connect(*client, events);
-  REQUIRE(up.up);
+  auto up = f.connect_gw1();
   mailbox<expected<std::uint32_t>> answers;
-  client->upload(up.generation, make_batch(1), into(answers));
-  auto answer = answers.pop();
-  REQUIRE(answer.has_value());
-  REQUIRE_FALSE(answer->ok());
-  CHECK(answer->err().code == errc::unavailable);
-  CHECK(answer->err().message == "store full: 100 MiB limit");
+  f.gw1->upload(up.generation, make_batch(1), into(answers));
+  auto failed = next_error(answers);
+  CHECK(failed.code == errc::unavailable);
+  CHECK(failed.message == "store full: 100 MiB limit");
 }
 
 TEST_CASE("an unregistered child is refused and learns why", "[link]") {
@@ -530,7 +545,7 @@ TEST_CASE("an unregistered child is refused and learns why", "[link]") {
   auto stranger_tls = config(issue("stranger"), tls_role::client);
   mailbox<link_event> events;
   auto client = f.client(stranger_tls.get(), "stranger");
-  auto down = f.connect(*client, events);
+  auto down = connect(*client, events);
   CHECK_FALSE(down.up);
   CHECK(down.error == "parent refused: device 'stranger' is not registered under 'hub'");
   CHECK(f.host.admits.pop() == std::optional<std::string>("stranger"));
@@ -551,7 +566,7 @@ TEST_CASE("a client certificate from another CA fails the TLS handshake before a
     config(issue("gw1", *other_ca), tls_role::client, other_ca->cert_pem + fleet_ca().cert_pem);
   mailbox<link_event> events;
   auto client = f.client(intruder_tls.get());
-  auto down = f.connect(*client, events);
+  auto down = connect(*client, events);
   CHECK_FALSE(down.up);
   INFO(down.error);
   CHECK_THAT(down.error, Catch::Contains("parent 'hub'"));
@@ -562,13 +577,8 @@ TEST_CASE("a client certificate from another CA fails the TLS handshake before a
 
 TEST_CASE("an expired client certificate is refused", "[link]") {
   fixture f;
-  auto opts = certs::for_id("gw1", 24h);
-  auto now = std::chrono::system_clock::now();
-  opts.not_before = now - 2h;
-  opts.not_after = now - 1h;
-  auto expired = certs::issue(fleet_ca(), opts);
-  REQUIRE(expired.ok());
-  raw_tls_client raw(*expired);
+  auto expired = issue_expired("gw1", 1h);
+  raw_tls_client raw(&expired);
   auto address = f.address();
   bool closed = f.io.run_sync([&](kj::AsyncIoContext& ctx) {
     auto& timer = ctx.provider->getTimer();
@@ -591,7 +601,7 @@ TEST_CASE("a parent whose certificate names another id is refused by the child",
   fixture f;
   mailbox<link_event> events;
   auto client = f.client(f.gw1_tls.get(), "gw1", "other");
-  auto down = f.connect(*client, events);
+  auto down = connect(*client, events);
   CHECK_FALSE(down.up);
   INFO(down.error);
   CHECK_THAT(down.error, Catch::StartsWith("TLS handshake with parent 'other': "));
@@ -602,7 +612,7 @@ TEST_CASE("hello naming another node than the certificate is refused", "[link]")
   fixture f;
   mailbox<link_event> events;
   auto client = f.client(f.gw1_tls.get(), "gw2");
-  auto down = f.connect(*client, events);
+  auto down = connect(*client, events);
   CHECK_FALSE(down.up);
   CHECK(down.error == "parent refused: hello: node 'gw2' does not match certificate 'gw1'");
   CHECK(f.host.ups.empty());
@@ -610,14 +620,11 @@ TEST_CASE("hello naming another node than the certificate is refused", "[link]")
 
 TEST_CASE("the parent invokes a method on the child and gets the handler's answer", "[link]") {
   fixture f;
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  REQUIRE(f.connect(*client, events).up);
-  auto channel = f.host.ups.pop();
-  REQUIRE(channel.has_value());
+  f.connect_gw1();
+  auto channel = f.next_channel();
 
   mailbox<expected<method_reply>> replies;
-  (*channel)->invoke("gw1", "sensor", "reset", R"({"hard":true})", 1500ms, into(replies));
+  channel->invoke("gw1", "sensor", "reset", R"({"hard":true})", 1500ms, into(replies));
   auto call = f.handler.invokes.pop();
   REQUIRE(call.has_value());
   CHECK(call->device == "gw1");
@@ -625,21 +632,15 @@ TEST_CASE("the parent invokes a method on the child and gets the handler's answe
   CHECK(call->method == "reset");
   CHECK(call->payload == R"({"hard":true})");
   CHECK(call->timeout == 1500ms);
-  auto reply = replies.pop();
-  REQUIRE(reply.has_value());
-  INFO((reply->ok() ? std::string() : reply->err().message));
-  REQUIRE(reply->ok());
-  CHECK((*reply)->status == 201);
-  CHECK((*reply)->payload_json == R"({"echo":{"hard":true}})");
+  auto reply = next_ok(replies);
+  CHECK(reply->status == 201);
+  CHECK(reply->payload_json == R"({"echo":{"hard":true}})");
 }
 
 TEST_CASE("syncScope and desired reach the child's handler", "[link]") {
   fixture f;
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  REQUIRE(f.connect(*client, events).up);
-  auto channel = f.host.ups.pop();
-  REQUIRE(channel.has_value());
+  f.connect_gw1();
+  auto channel = f.next_channel();
 
   device_record leaf;
   leaf.id = "leaf-7";
@@ -657,18 +658,16 @@ TEST_CASE("syncScope and desired reach the child's handler", "[link]") {
   sub.thumbprint = std::string(64, 'A');
 
   mailbox<expected<void>> answers;
-  (*channel)->sync_scope({leaf, sub}, into(answers));
+  channel->sync_scope({leaf, sub}, into(answers));
   auto scope = f.handler.scopes.pop();
   REQUIRE(scope.has_value());
   REQUIRE(scope->size() == 2);
   CHECK((*scope)[0] == leaf);
   CHECK((*scope)[1] == sub);
-  auto synced = answers.pop();
-  REQUIRE(synced.has_value());
-  CHECK(synced->ok());
+  CHECK(next_ok(answers).ok());
 
-  (*channel)->desired({twin_update{"gw1", "$edgeAgent", R"({"deployment":"d1"})", 4, false}},
-                      into(answers));
+  channel->desired({twin_update{"gw1", "$edgeAgent", R"({"deployment":"d1"})", 4, false}},
+                   into(answers));
   auto desired = f.handler.desireds.pop();
   REQUIRE(desired.has_value());
   REQUIRE(desired->size() == 1);
@@ -677,66 +676,50 @@ TEST_CASE("syncScope and desired reach the child's handler", "[link]") {
   CHECK((*desired)[0].json == R"({"deployment":"d1"})");
   CHECK((*desired)[0].version == 4);
   CHECK_FALSE((*desired)[0].full);
-  auto done = answers.pop();
-  REQUIRE(done.has_value());
-  CHECK(done->ok());
+  CHECK(next_ok(answers).ok());
 }
 
 TEST_CASE("stopping the server takes the child down", "[link]") {
   fixture f;
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  auto up = f.connect(*client, events);
-  REQUIRE(up.up);
-  auto channel = f.host.ups.pop();
-  REQUIRE(channel.has_value());
+  auto up = f.connect_gw1();
+  auto channel = f.next_channel();
 
   f.server->stop();
   auto gone = f.host.downs.pop();
   REQUIRE(gone.has_value());
   CHECK(gone->child == "gw1");
-  CHECK(gone->channel == (*channel)->id());
+  CHECK(gone->channel == channel->id());
   CHECK(gone->reason == "the parent stopped");
-  auto down = events.pop();
+  auto down = f.gw1_events.pop();
   REQUIRE(down.has_value());
   CHECK_FALSE(down->up);
   CHECK(down->generation == up.generation);
   CHECK_THAT(down->error, Catch::StartsWith("connection to parent 'hub' lost"));
 
   mailbox<expected<std::uint32_t>> answers;
-  client->upload(up.generation, make_batch(1), into(answers));
-  auto answer = answers.pop();
-  REQUIRE(answer.has_value());
-  REQUIRE_FALSE(answer->ok());
-  CHECK(answer->err().code == errc::unavailable);
+  f.gw1->upload(up.generation, make_batch(1), into(answers));
+  CHECK(next_error(answers).code == errc::unavailable);
 }
 
 TEST_CASE("closing the client ends its channel on the server", "[link]") {
   fixture f;
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  auto up = f.connect(*client, events);
-  REQUIRE(up.up);
-  auto channel = f.host.ups.pop();
-  REQUIRE(channel.has_value());
+  f.connect_gw1();
+  auto channel = f.next_channel();
 
-  client->close();
-  auto down = events.pop();
+  f.gw1->close();
+  auto down = f.gw1_events.pop();
   REQUIRE(down.has_value());
   CHECK_FALSE(down->up);
   CHECK(down->error == "closed");
   auto gone = f.host.downs.pop();
   REQUIRE(gone.has_value());
   CHECK(gone->child == "gw1");
-  CHECK(gone->channel == (*channel)->id());
+  CHECK(gone->channel == channel->id());
   CHECK_FALSE(f.host.downs.pop(200ms).has_value());  // exactly once
 
   mailbox<expected<void>> answers;
-  (*channel)->desired({twin_update{"gw1", "", "{}", 1, true}}, into(answers));
-  auto answer = answers.pop();
-  REQUIRE(answer.has_value());
-  REQUIRE_FALSE(answer->ok());
-  CHECK(answer->err().code == errc::unavailable);
+  channel->desired({twin_update{"gw1", "", "{}", 1, true}}, into(answers));
+  CHECK(next_error(answers).code == errc::unavailable);
 }
 
 TEST_CASE("an upload over the parent's limits is refused naming the limit", "[link]") {
@@ -744,31 +727,21 @@ TEST_CASE("an upload over the parent's limits is refused naming the limit", "[li
   limits.max_batch_messages = 2;
   limits.max_batch_bytes = 4096;
   fixture f(limits);
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  auto up = f.connect(*client, events);
-  REQUIRE(up.up);
+  auto up = f.connect_gw1();
 
   mailbox<expected<std::uint32_t>> answers;
-  client->upload(up.generation, make_batch(3), into(answers));
-  auto answer = answers.pop();
-  REQUIRE(answer.has_value());
-  REQUIRE_FALSE(answer->ok());
-  CHECK(answer->err().code == errc::invalid_argument);
-  CHECK(answer->err().message == "upload: 3 messages exceed the limit of 2 (max_batch_messages)");
+  f.gw1->upload(up.generation, make_batch(3), into(answers));
+  auto too_many = next_error(answers);
+  CHECK(too_many.code == errc::invalid_argument);
+  CHECK(too_many.message == "upload: 3 messages exceed the limit of 2 (max_batch_messages)");
 
   auto big = message_builder().body(std::string(5000, 'x')).build();
-  client->upload(up.generation, {link_envelope{big, "gw1", "sensor", "temp"}}, into(answers));
-  answer = answers.pop();
-  REQUIRE(answer.has_value());
-  REQUIRE_FALSE(answer->ok());
-  CHECK_THAT(answer->err().message, Catch::Contains("(max_batch_bytes)"));
+  f.gw1->upload(up.generation, {link_envelope{big, "gw1", "sensor", "temp"}}, into(answers));
+  CHECK_THAT(next_error(answers).message, Catch::Contains("(max_batch_bytes)"));
 
   // The connection is still good.
-  client->upload(up.generation, make_batch(2), into(answers));
-  answer = answers.pop();
-  REQUIRE(answer.has_value());
-  CHECK(answer->ok());
+  f.gw1->upload(up.generation, make_batch(2), into(answers));
+  CHECK(next_ok(answers).ok());
 }
 
 TEST_CASE("a child may keep only max_pending_uploads uploads waiting for the host", "[link]") {
@@ -776,43 +749,32 @@ TEST_CASE("a child may keep only max_pending_uploads uploads waiting for the hos
   limits.max_pending_uploads = 2;
   fixture f(limits);
   f.host.hold_uploads = true;
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  auto up = f.connect(*client, events);
-  REQUIRE(up.up);
+  auto up = f.connect_gw1();
 
   mailbox<expected<std::uint32_t>> answers;
-  client->upload(up.generation, make_batch(1), into(answers));
-  client->upload(up.generation, make_batch(2), into(answers));
+  f.gw1->upload(up.generation, make_batch(1), into(answers));
+  f.gw1->upload(up.generation, make_batch(2), into(answers));
   auto first = f.host.uploads.pop();
   auto second = f.host.uploads.pop();
   REQUIRE(first.has_value());
   REQUIRE(second.has_value());
-  client->upload(up.generation, make_batch(3), into(answers));
-  auto refused = answers.pop();
-  REQUIRE(refused.has_value());
-  REQUIRE_FALSE(refused->ok());
-  CHECK(refused->err().code == errc::unavailable);
-  CHECK(refused->err().message ==
+  f.gw1->upload(up.generation, make_batch(3), into(answers));
+  auto refused = next_error(answers);
+  CHECK(refused.code == errc::unavailable);
+  CHECK(refused.message ==
         "upload: 2 uploads of this connection are still pending (max_pending_uploads)");
 
   first->done(1u);
-  auto one = answers.pop();
-  REQUIRE(one.has_value());
-  CHECK(one->ok());
+  CHECK(next_ok(answers).ok());
   // A slot is free again.
-  client->upload(up.generation, make_batch(4), into(answers));
+  f.gw1->upload(up.generation, make_batch(4), into(answers));
   auto third = f.host.uploads.pop();
   REQUIRE(third.has_value());
   CHECK(third->batch.size() == 4);
   second->done(2u);
   third->done(4u);
-  auto two = answers.pop();
-  auto four = answers.pop();
-  REQUIRE(two.has_value());
-  REQUIRE(four.has_value());
-  CHECK(two->ok());
-  CHECK(four->ok());
+  CHECK(next_ok(answers).ok());
+  CHECK(next_ok(answers).ok());
 }
 
 TEST_CASE("start reports an address it cannot listen on", "[link]") {
@@ -849,115 +811,48 @@ TEST_CASE("hostile clients don't hurt the server, and a good child connects afte
   auto address = f.address();
 
   SECTION("garbage instead of a TLS handshake") {
-    bool closed = f.io.run_sync([&](kj::AsyncIoContext& ctx) {
-      auto& timer = ctx.provider->getTimer();
-      return tcp_connect(ctx, address).then([&timer](kj::Own<kj::AsyncIoStream> tcp) {
-        auto bytes = garbage(3000);
-        auto& s = *tcp;
-        return s.write(bytes.begin(), bytes.size())
-          .attach(kj::mv(bytes))
-          .then([tcp = kj::mv(tcp), &timer]() mutable {
-            return closed_by_peer(kj::mv(tcp), timer, 5 * kj::SECONDS);
-          });
-      });
-    });
-    CHECK(closed);
+    CHECK(closed_after_sending(f.io, address, nullptr, garbage(3000)));
   }
   SECTION("garbage after a good TLS handshake") {
-    bool closed = f.io.run_sync([&](kj::AsyncIoContext& ctx) {
-      auto& timer = ctx.provider->getTimer();
-      return tcp_connect(ctx, address)
-        .then([&](kj::Own<kj::AsyncIoStream> tcp) {
-          return f.gw1_tls->context().wrapClient(kj::mv(tcp), "hub");
-        })
-        .then([&timer](kj::Own<kj::AsyncIoStream> tls) {
-          auto bytes = garbage(20000);
-          auto& s = *tls;
-          return s.write(bytes.begin(), bytes.size())
-            .attach(kj::mv(bytes))
-            .then([tls = kj::mv(tls), &timer]() mutable {
-              return closed_by_peer(kj::mv(tls), timer, 5 * kj::SECONDS);
-            });
-        });
-    });
-    CHECK(closed);
+    CHECK(closed_after_sending(f.io, address, f.gw1_tls.get(), garbage(20000)));
     CHECK(f.host.admits.pop() == std::optional<std::string>("gw1"));
   }
   SECTION("a plausible frame header announcing a huge message after TLS") {
-    bool closed = f.io.run_sync([&](kj::AsyncIoContext& ctx) {
-      auto& timer = ctx.provider->getTimer();
-      return tcp_connect(ctx, address)
-        .then([&](kj::Own<kj::AsyncIoStream> tcp) {
-          return f.gw1_tls->context().wrapClient(kj::mv(tcp), "hub");
-        })
-        .then([&timer](kj::Own<kj::AsyncIoStream> tls) {
-          // One segment of 0x7fffffff words.
-          auto header = kj::heapArray<kj::byte>({0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f});
-          auto& s = *tls;
-          return s.write(header.begin(), header.size())
-            .attach(kj::mv(header))
-            .then([tls = kj::mv(tls), &timer]() mutable {
-              return closed_by_peer(kj::mv(tls), timer, 5 * kj::SECONDS);
-            });
-        });
-    });
-    CHECK(closed);
+    // One segment of 0x7fffffff words.
+    auto header = kj::heapArray<kj::byte>({0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f});
+    CHECK(closed_after_sending(f.io, address, f.gw1_tls.get(), kj::mv(header)));
   }
   SECTION("a client that connects and never says anything") {
-    bool closed = f.io.run_sync([&](kj::AsyncIoContext& ctx) {
-      auto& timer = ctx.provider->getTimer();
-      return tcp_connect(ctx, address).then([&timer](kj::Own<kj::AsyncIoStream> tcp) {
-        return closed_by_peer(kj::mv(tcp), timer, 5 * kj::SECONDS);
-      });
-    });
-    CHECK(closed);
+    CHECK(closed_after_sending(f.io, address, nullptr));
     CHECK(f.host.admits.empty());
   }
   SECTION("a child that passes TLS and admission but never says hello") {
-    bool closed = f.io.run_sync([&](kj::AsyncIoContext& ctx) {
-      auto& timer = ctx.provider->getTimer();
-      return tcp_connect(ctx, address)
-        .then([&](kj::Own<kj::AsyncIoStream> tcp) {
-          return f.gw1_tls->context().wrapClient(kj::mv(tcp), "hub");
-        })
-        .then([&timer](kj::Own<kj::AsyncIoStream> tls) {
-          return closed_by_peer(kj::mv(tls), timer, 5 * kj::SECONDS);
-        });
-    });
-    CHECK(closed);
+    CHECK(closed_after_sending(f.io, address, f.gw1_tls.get()));
     CHECK(f.host.ups.empty());
   }
 
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  auto up = f.connect(*client, events);
-  INFO(up.error);
-  CHECK(up.up);
+  f.connect_gw1();
 }
 
 TEST_CASE("max_connections refuses connections beyond the limit", "[link]") {
   link_limits limits;
   limits.max_connections = 1;
   fixture f(limits);
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  REQUIRE(f.connect(*client, events).up);
+  f.connect_gw1();
 
   mailbox<link_event> second_events;
   auto second = f.client(f.gw1_tls.get());
-  auto refused = f.connect(*second, second_events);
+  auto refused = connect(*second, second_events);
   CHECK_FALSE(refused.up);
   INFO(refused.error);
 }
 
 TEST_CASE("calls on an older generation fail at once with unavailable", "[link]") {
   fixture f;
-  mailbox<link_event> events;
-  auto client = f.client(f.gw1_tls.get());
-  auto first = f.connect(*client, events);
-  REQUIRE(first.up);
+  auto first = f.connect_gw1();
+  auto& events = f.gw1_events;
 
-  auto second_generation = client->connect([&events](link_event e) { events.push(std::move(e)); });
+  auto second_generation = f.gw1->connect([&events](link_event e) { events.push(std::move(e)); });
   CHECK(second_generation > first.generation);
   // The old connection's down event, then the new one's up.
   auto old_down = events.pop();
@@ -971,26 +866,19 @@ TEST_CASE("calls on an older generation fail at once with unavailable", "[link]"
   REQUIRE(second->up);
 
   mailbox<expected<std::uint32_t>> answers;
-  client->upload(first.generation, make_batch(1), into(answers));
-  auto stale = answers.pop();
-  REQUIRE(stale.has_value());
-  REQUIRE_FALSE(stale->ok());
-  CHECK(stale->err().code == errc::unavailable);
-  CHECK_THAT(stale->err().message, Catch::Contains("link down"));
+  f.gw1->upload(first.generation, make_batch(1), into(answers));
+  auto stale = next_error(answers);
+  CHECK(stale.code == errc::unavailable);
+  CHECK_THAT(stale.message, Catch::Contains("link down"));
 
-  client->upload(second_generation, make_batch(1), into(answers));
-  auto fresh = answers.pop();
-  REQUIRE(fresh.has_value());
-  CHECK(fresh->ok());
+  f.gw1->upload(second_generation, make_batch(1), into(answers));
+  CHECK(next_ok(answers).ok());
 }
 
 TEST_CASE("a connection refused by the network is reported with the address", "[link]") {
-  io_thread io;
-  REQUIRE(io.start().ok());
-  fake_handler handler;
-  auto tls = config(issue("gw1"), tls_role::client);
+  child_fixture c;
   // A port nobody listens on: bind one, then close it.
-  std::uint16_t port = io.run_sync([](kj::AsyncIoContext& ctx) {
+  std::uint16_t port = c.io.run_sync([](kj::AsyncIoContext& ctx) {
     return ctx.provider->getNetwork()
       .parseAddress("127.0.0.1:0")
       .then([](kj::Own<kj::NetworkAddress> a) {
@@ -998,65 +886,40 @@ TEST_CASE("a connection refused by the network is reported with the address", "[
       });
   });
   std::string address = "127.0.0.1:" + std::to_string(port);
-  {
-    mailbox<link_event> events;
-    link_client client(io, link_client_options{address, "hub", "gw1", tls.get(), {}}, handler);
-    client.connect([&events](link_event e) { events.push(std::move(e)); });
-    auto down = events.pop();
-    REQUIRE(down.has_value());
-    CHECK_FALSE(down->up);
-    CHECK_THAT(down->error, Catch::StartsWith("connect " + address + ": "));
-    CHECK_THAT(down->error, Catch::Contains("refused"));
-  }
-  io.stop();
+  mailbox<link_event> events;
+  auto client = c.client(address);
+  auto down = connect(*client, events);
+  CHECK_FALSE(down.up);
+  CHECK_THAT(down.error, Catch::StartsWith("connect " + address + ": "));
+  CHECK_THAT(down.error, Catch::Contains("refused"));
 }
 
 TEST_CASE("a parent that never answers the TLS handshake runs into handshake_timeout", "[link]") {
-  io_thread io;
-  REQUIRE(io.start().ok());
-  fake_handler handler;
-  auto tls = config(issue("gw1"), tls_role::client);
+  child_fixture c;
   silent_listener silent;
   link_limits limits;
   limits.handshake_timeout = 300ms;
-  {
-    mailbox<link_event> events;
-    link_client client(io,
-                       link_client_options{"127.0.0.1:" + std::to_string(silent.port()), "hub",
-                                           "gw1", tls.get(), limits},
-                       handler);
-    client.connect([&events](link_event e) { events.push(std::move(e)); });
-    auto down = events.pop();
-    REQUIRE(down.has_value());
-    CHECK_FALSE(down->up);
-    CHECK(down->error ==
-          "TLS handshake with parent 'hub': no answer within 300 ms (handshake_timeout)");
-  }
-  io.stop();
+  mailbox<link_event> events;
+  auto client = c.client("127.0.0.1:" + std::to_string(silent.port()), limits);
+  auto down = connect(*client, events);
+  CHECK_FALSE(down.up);
+  CHECK(down.error ==
+        "TLS handshake with parent 'hub': no answer within 300 ms (handshake_timeout)");
 }
 
 TEST_CASE("a syncScope entry with broken tagsJson fails the call naming the entry", "[link]") {
-  io_thread io;
-  REQUIRE(io.start().ok());
-  fake_handler handler;
+  // Declared before the child's side, so that they outlive its I/O thread.
   auto hub_tls = config(issue("hub"), tls_role::server_verify_clients);
-  auto gw1_tls = config(issue("gw1"), tls_role::client);
   auto outcome = std::make_shared<mailbox<std::string>>();
-  auto port = serve_scripted_parent(io, *hub_tls, kj::heap<scripted_parent>(outcome));
-  {
-    mailbox<link_event> events;
-    link_client client(
-      io, link_client_options{"127.0.0.1:" + std::to_string(port), "hub", "gw1", gw1_tls.get(), {}},
-      handler);
-    client.connect([&events](link_event e) { events.push(std::move(e)); });
-    auto up = events.pop();
-    REQUIRE(up.has_value());
-    INFO(up->error);
-    REQUIRE(up->up);
-    auto result = outcome->pop();
-    REQUIRE(result.has_value());
-    CHECK_THAT(*result, Catch::Contains("syncScope: entry 1 ('bad'): tagsJson: not valid JSON"));
-    CHECK(handler.scopes.empty());
-  }
-  io.stop();
+  child_fixture c;
+  auto port = serve_scripted_parent(c.io, *hub_tls, kj::heap<scripted_parent>(outcome));
+  mailbox<link_event> events;
+  auto client = c.client("127.0.0.1:" + std::to_string(port));
+  auto up = connect(*client, events);
+  INFO(up.error);
+  REQUIRE(up.up);
+  auto result = outcome->pop();
+  REQUIRE(result.has_value());
+  CHECK_THAT(*result, Catch::Contains("syncScope: entry 1 ('bad'): tagsJson: not valid JSON"));
+  CHECK(c.handler.scopes.empty());
 }

@@ -5,6 +5,7 @@
 
 #include "gateway/certs.hpp"
 #include "temp_dir.hpp"
+#include "test_certs.hpp"
 
 #include <kj/async-io.h>
 #include <kj/compat/tls.h>
@@ -16,55 +17,10 @@
 #include <string>
 
 using namespace canopy;
+using namespace canopy::unit_test;
 using namespace std::chrono_literals;
 
 namespace {
-
-const certs::key_and_cert& fleet_ca() {
-  static const certs::key_and_cert ca = [] {
-    auto made = certs::create_root_ca("Test fleet root CA", 24h * 30);
-    REQUIRE(made.ok());
-    return *made;
-  }();
-  return ca;
-}
-
-certs::key_and_cert issue(const std::string& id, const certs::key_and_cert& ca = fleet_ca()) {
-  auto kc = certs::issue(ca, certs::for_id(id, 24h));
-  REQUIRE(kc.ok());
-  return *kc;
-}
-
-std::unique_ptr<tls_config> config(const certs::key_and_cert& identity, tls_role role,
-                                   kj::Timer* timer = nullptr) {
-  auto made = tls_config::from_pem(identity, fleet_ca().cert_pem, role, timer);
-  INFO((made.ok() ? std::string() : made.err().message));
-  REQUIRE(made.ok());
-  return std::move(*made);
-}
-
-/// A TlsContext built by hand, bypassing tls_config's own checks: plays a client
-/// whose certificate tls_config would refuse to load (or that has none).
-struct raw_client {
-  raw_client(const certs::key_and_cert* identity, const std::string& ca_pem) {
-    trusted =
-      kj::heapArray<kj::TlsCertificate>({kj::TlsCertificate(kj::StringPtr(ca_pem.c_str()))});
-    if (identity != nullptr) {
-      keypair = kj::TlsKeypair{kj::TlsPrivateKey(kj::StringPtr(identity->key_pem.c_str())),
-                               kj::TlsCertificate(kj::StringPtr(identity->cert_pem.c_str()))};
-    }
-    kj::TlsContext::Options options;
-    options.useSystemTrustStore = false;
-    options.trustedCertificates = trusted.asPtr();
-    KJ_IF_MAYBE (kp, keypair) {
-      options.defaultKeypair = *kp;
-    }
-    context = kj::heap<kj::TlsContext>(kj::mv(options));
-  }
-  kj::Array<kj::TlsCertificate> trusted;
-  kj::Maybe<kj::TlsKeypair> keypair;
-  kj::Own<kj::TlsContext> context;
-};
 
 std::string describe(const kj::Exception& e) {
   auto d = e.getDescription();
@@ -117,6 +73,13 @@ outcome handshake(kj::AsyncIoContext& io, kj::TlsContext& server, kj::TlsContext
   return out;
 }
 
+/// The error tls_config::load() gives for `files` as a client (it must fail).
+error load_error(const tls_files& files) {
+  auto loaded = tls_config::load(files, tls_role::client);
+  REQUIRE_FALSE(loaded.ok());
+  return loaded.err();
+}
+
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream f(path, std::ios::binary);
   f << text;
@@ -127,7 +90,8 @@ void write_text(const std::string& path, const std::string& text) {
 
 TEST_CASE("mutual TLS: each side sees the other's id, and bytes flow", "[tls]") {
   auto io = kj::setupAsyncIo();
-  auto server = config(issue("hub"), tls_role::server_verify_clients, &io.provider->getTimer());
+  auto server = config(issue("hub"), tls_role::server_verify_clients, fleet_ca().cert_pem,
+                       &io.provider->getTimer());
   auto client = config(issue("gw1"), tls_role::client);
   CHECK(server->common_name() == "hub");
   CHECK(client->common_name() == "gw1");
@@ -172,7 +136,7 @@ TEST_CASE("the server refuses a client certificate from another CA", "[tls]") {
   auto other_ca = certs::create_root_ca("Other CA", 24h);
   REQUIRE(other_ca.ok());
   auto intruder = issue("gw1", *other_ca);  // claims a registered id
-  raw_client client(&intruder, fleet_ca().cert_pem);
+  raw_tls_client client(&intruder);
 
   auto out = handshake(io, server->context(), *client.context, "hub");
   CHECK_FALSE(out.server_ok);
@@ -183,13 +147,8 @@ TEST_CASE("the server refuses a client certificate from another CA", "[tls]") {
 TEST_CASE("the server refuses an expired client certificate", "[tls]") {
   auto io = kj::setupAsyncIo();
   auto server = config(issue("hub"), tls_role::server_verify_clients);
-  auto opts = certs::for_id("gw1", 24h);
-  auto now = std::chrono::system_clock::now();
-  opts.not_before = now - 2min;
-  opts.not_after = now - 1min;
-  auto expired = certs::issue(fleet_ca(), opts);
-  REQUIRE(expired.ok());
-  raw_client client(&*expired, fleet_ca().cert_pem);
+  auto expired = issue_expired("gw1", 1min);
+  raw_tls_client client(&expired);
 
   auto out = handshake(io, server->context(), *client.context, "hub");
   CHECK_FALSE(out.server_ok);
@@ -209,7 +168,7 @@ TEST_CASE("the client refuses a server whose certificate is not for the expected
 TEST_CASE("a client without a certificate is refused when clients must be verified", "[tls]") {
   auto io = kj::setupAsyncIo();
   auto server = config(issue("hub"), tls_role::server_verify_clients);
-  raw_client anonymous(nullptr, fleet_ca().cert_pem);
+  raw_tls_client anonymous(nullptr);
 
   auto out = handshake(io, server->context(), *anonymous.context, "hub");
   CHECK_FALSE(out.server_ok);
@@ -219,7 +178,7 @@ TEST_CASE("a client without a certificate is refused when clients must be verifi
 TEST_CASE("a plain server accepts a client without a certificate", "[tls]") {
   auto io = kj::setupAsyncIo();
   auto server = config(issue("hub"), tls_role::server);
-  raw_client anonymous(nullptr, fleet_ca().cert_pem);
+  raw_tls_client anonymous(nullptr);
 
   auto out = handshake(io, server->context(), *anonymous.context, "hub");
   INFO(out.server_error << " / " << out.client_error);
@@ -245,13 +204,7 @@ TEST_CASE("tls_config::load reads the files and names the one at fault", "[tls]"
     CHECK((*loaded)->common_name() == "gw1");
   }
   SECTION("an expired certificate") {
-    auto opts = certs::for_id("gw1", 24h);
-    auto now = std::chrono::system_clock::now();
-    opts.not_before = now - 2h;
-    opts.not_after = now - 1h;
-    auto expired = certs::issue(fleet_ca(), opts);
-    REQUIRE(expired.ok());
-    REQUIRE(certs::write_files(dir, "gw1", *expired, true).ok());
+    REQUIRE(certs::write_files(dir, "gw1", issue_expired("gw1", 1h), true).ok());
     // Loaded (a node with an expired certificate keeps running offline), with
     // the problem named.
     auto loaded = tls_config::load(files, tls_role::client);
@@ -263,38 +216,30 @@ TEST_CASE("tls_config::load reads the files and names the one at fault", "[tls]"
     auto other_ca = certs::create_root_ca("Other CA", 24h);
     REQUIRE(other_ca.ok());
     REQUIRE(certs::write_files(dir, "gw1", issue("gw1", *other_ca), true).ok());
-    auto loaded = tls_config::load(files, tls_role::client);
-    REQUIRE_FALSE(loaded.ok());
-    CHECK_THAT(loaded.err().message, Catch::Contains(files.cert_path) &&
-                                       Catch::Contains("unable to get local issuer certificate"));
+    CHECK_THAT(load_error(files).message,
+               Catch::Contains(files.cert_path) &&
+                 Catch::Contains("unable to get local issuer certificate"));
   }
   SECTION("a key that belongs to another certificate") {
     write_text(files.key_path, issue("gw2").key_pem);
-    auto loaded = tls_config::load(files, tls_role::client);
-    REQUIRE_FALSE(loaded.ok());
-    CHECK_THAT(loaded.err().message, Catch::Contains("node key " + files.key_path) &&
-                                       Catch::Contains("does not belong to"));
+    CHECK_THAT(load_error(files).message, Catch::Contains("node key " + files.key_path) &&
+                                            Catch::Contains("does not belong to"));
   }
   SECTION("garbage PEM") {
     write_text(files.ca_path,
                "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n");
-    auto loaded = tls_config::load(files, tls_role::client);
-    REQUIRE_FALSE(loaded.ok());
-    CHECK_THAT(loaded.err().message,
+    CHECK_THAT(load_error(files).message,
                Catch::StartsWith("CA certificate " + files.ca_path + ": cannot parse"));
 
     write_text(files.key_path, "nonsense");
-    loaded = tls_config::load(files, tls_role::client);
-    REQUIRE_FALSE(loaded.ok());
-    CHECK_THAT(loaded.err().message,
+    CHECK_THAT(load_error(files).message,
                Catch::StartsWith("node key " + files.key_path + ": cannot parse"));
   }
   SECTION("a missing file") {
     files.ca_path = dir + "/missing.crt";
-    auto loaded = tls_config::load(files, tls_role::client);
-    REQUIRE_FALSE(loaded.ok());
-    CHECK(loaded.err().code == errc::not_found);
-    CHECK_THAT(loaded.err().message,
+    auto missing = load_error(files);
+    CHECK(missing.code == errc::not_found);
+    CHECK_THAT(missing.message,
                Catch::StartsWith("CA certificate " + files.ca_path + ": cannot read"));
   }
 }

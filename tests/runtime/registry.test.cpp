@@ -386,25 +386,18 @@ TEST_CASE("registry: a gateway's scope is exported and replaces a gateway's cach
     CHECK_THAT(fails(cache->replace_scope("g1", without_gw)).message,
                Catch::Contains("do not include the gateway 'g1'"));
 
-    auto orphan = good;
-    orphan.push_back(leaf("lost", "elsewhere"));
-    CHECK_THAT(fails(cache->replace_scope("g1", orphan)).message,
+    // Why replace_scope("g1", ...) refuses `good` with `extra` added.
+    auto refusal_with = [&](const std::vector<device_record>& extra) {
+      auto records = good;
+      records.insert(records.end(), extra.begin(), extra.end());
+      return fails(cache->replace_scope("g1", records)).message;
+    };
+    CHECK_THAT(refusal_with({leaf("lost", "elsewhere")}),
                Catch::Contains("device 'lost': parent 'elsewhere' is not in the records"));
-
-    auto cycle = good;
-    cycle.push_back(gateway("c1", "c2"));
-    cycle.push_back(gateway("c2", "c1"));
-    CHECK_THAT(fails(cache->replace_scope("g1", cycle)).message, Catch::Contains("form a cycle"));
-
-    auto dup = good;
-    dup.push_back(good.back());
-    CHECK_THAT(fails(cache->replace_scope("g1", dup)).message,
-               Catch::Contains("appears more than once"));
-
-    auto under_leaf = good;
-    under_leaf.push_back(leaf("x", "d1"));
-    CHECK_THAT(fails(cache->replace_scope("g1", under_leaf)).message,
-               Catch::Contains("parent 'd1' is a device"));
+    CHECK_THAT(refusal_with({gateway("c1", "c2"), gateway("c2", "c1")}),
+               Catch::Contains("form a cycle"));
+    CHECK_THAT(refusal_with({good.back()}), Catch::Contains("appears more than once"));
+    CHECK_THAT(refusal_with({leaf("x", "d1")}), Catch::Contains("parent 'd1' is a device"));
 
     auto bad_field = good;
     bad_field.back().kind = "other";
