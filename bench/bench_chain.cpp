@@ -32,163 +32,42 @@
 // --split=0|1. The programs: $CANOPY_BIN / $CANOPYCTL_BIN, else the build's;
 // mosquitto: /usr/sbin/mosquitto (Debian's `mosquitto`).
 #include "bench/bench_common.hpp"
+#include "bench/bench_fleet.hpp"
 #include "gateway/control_client.hpp"
 #include "integration/process.hpp"
 
 #include <mosquitto.h>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <signal.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <map>
 #include <mutex>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <thread>
 
 using namespace canopy;
 using namespace std::chrono_literals;
 using canopy::bench::bench_clock;
-using canopy::test::child_process;
 
 namespace {
 
 constexpr std::string_view bench_name = "bench-chain";
 constexpr std::size_t body_size = 100;
 
-// --- stopping ---------------------------------------------------------------
-
-/// A failure: main() catches it, so every child process and temp dir goes
-/// with the unwinding.
-[[noreturn]] void fail(const std::string& what) {
-  throw std::runtime_error(what);
-}
-
-// SIGINT/SIGTERM: the handler kills the children (kill() is async-signal
-// safe) and sets the flag; the next wait sees it and unwinds.
-std::atomic<bool> stop_requested{false};
-constexpr int max_children = 16;
-std::atomic<pid_t> child_pids[max_children];
-
-void on_stop_signal(int) {
-  stop_requested = true;
-  for (auto& p : child_pids)
-    if (pid_t pid = p.load(); pid > 0)
-      ::kill(pid, SIGKILL);
-}
-
-void remember_child(pid_t pid) {
-  for (auto& p : child_pids) {
-    pid_t expected = 0;
-    if (p.compare_exchange_strong(expected, pid))
-      return;
-  }
-}
-
-void forget_child(pid_t pid) {
-  for (auto& p : child_pids) {
-    pid_t expected = pid;
-    if (p.compare_exchange_strong(expected, 0))
-      return;
-  }
-}
-
-void check_stop() {
-  if (stop_requested)
-    fail("interrupted");
-}
-
-/// A child process known to the signal handler.
-class tracked_process {
- public:
-  tracked_process(const std::vector<std::string>& argv, const std::string& stdin_path = {})
-      : proc_(argv, {}, stdin_path) {
-    remember_child(proc_.pid());
-  }
-  ~tracked_process() {
-    forget_child(proc_.pid());
-    proc_.kill();
-  }
-  tracked_process(const tracked_process&) = delete;
-  tracked_process& operator=(const tracked_process&) = delete;
-
-  child_process& get() { return proc_; }
-
-  /// SIGTERM and up to `timeout` to exit; then SIGKILL.
-  void stop(std::chrono::milliseconds timeout = 10s) {
-    proc_.send_signal(SIGTERM);
-    if (!proc_.wait_for(timeout))
-      proc_.kill();
-  }
-
-  /// The last `keep` bytes of its output (for failure messages).
-  std::string output_tail(std::size_t keep = 2000) const {
-    auto out = proc_.output();
-    return out.size() > keep ? "..." + out.substr(out.size() - keep) : out;
-  }
-
- private:
-  child_process proc_;
-};
-
-/// Calls `pred` every `interval` until true; fails with `what` after `timeout`.
-void wait_or_fail(const std::function<bool()>& pred, std::chrono::milliseconds timeout,
-                  const std::string& what, std::chrono::milliseconds interval = 20ms) {
-  auto deadline = bench_clock::now() + timeout;
-  while (!pred()) {
-    check_stop();
-    if (bench_clock::now() >= deadline)
-      fail("timed out waiting for " + what);
-    std::this_thread::sleep_for(interval);
-  }
-}
-
-// --- loopback ---------------------------------------------------------------
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0)
-    fail("socket: " + std::string(std::strerror(errno)));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
-    ::close(fd);
-    fail("bind 127.0.0.1:0: " + std::string(std::strerror(errno)));
-  }
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
-bool port_accepts(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0)
-    return false;
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(static_cast<std::uint16_t>(port));
-  bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
-  ::close(fd);
-  return ok;
-}
-
-std::string loopback(int port) {
-  return "127.0.0.1:" + std::to_string(port);
-}
+using bench::check_stop;
+using bench::cpu_ticks;
+using bench::fail;
+using bench::free_port;
+using bench::loopback;
+using bench::parent_link_up;
+using bench::port_accepts;
+using bench::tracked_process;
+using bench::wait_or_fail;
 
 // --- the messages -----------------------------------------------------------
 
@@ -209,14 +88,10 @@ struct programs {
   std::string canopyctl;
 
   static programs find() {
+    constexpr std::string_view hint = "build it: ninja -C build canopy canopyctl";
     programs p;
-    const char* c = std::getenv("CANOPY_BIN");
-    const char* ctl = std::getenv("CANOPYCTL_BIN");
-    p.canopy = c != nullptr && *c != '\0' ? c : CANOPY_BIN;
-    p.canopyctl = ctl != nullptr && *ctl != '\0' ? ctl : CANOPYCTL_BIN;
-    for (auto* path : {&p.canopy, &p.canopyctl})
-      if (::access(path->c_str(), X_OK) != 0)
-        fail(*path + " is not an executable (build it: ninja -C build canopy canopyctl)");
+    p.canopy = bench::find_program("CANOPY_BIN", CANOPY_BIN, hint);
+    p.canopyctl = bench::find_program("CANOPYCTL_BIN", CANOPYCTL_BIN, hint);
     return p;
   }
 };
@@ -232,19 +107,6 @@ node_metrics metrics_of(const std::string& socket) {
   if (!m)
     fail("metrics of " + socket + ": " + m.err().message);
   return std::move(m).value();
-}
-
-bool parent_link_up(const std::string& socket) {
-  auto client = control_client::connect(socket);
-  if (!client)
-    return false;
-  auto m = client->metrics();
-  if (!m)
-    return false;
-  for (const auto& l : m->links)
-    if (l.role == "parent" && l.up)
-      return true;
-  return false;
 }
 
 /// One canopy node process with its data dir and control socket in `dir`.
@@ -363,9 +225,7 @@ class canopy_chain {
     n.id = id;
     n.data = dir_.file(id);
     n.socket = dir_.file(id + ".sock");
-    std::vector<std::string> argv{progs_.canopy, "run",    "--device-id", id,
-                                  "--certs",     certs_,   "-d",          n.data,
-                                  "-s",          n.socket, "--log-level", "warn"};
+    auto argv = bench::node_argv(progs_.canopy, id, certs_, n.data, n.socket);
     if (threads_ > 0) {
       argv.push_back("--threads");
       argv.push_back(std::to_string(threads_));
@@ -382,29 +242,6 @@ class canopy_chain {
   std::vector<std::string> gwa_args_;
   canopy_process hub_, gwa_, gwb_;
 };
-
-/// utime + stime of `pid` in clock ticks, from /proc/PID/stat (0 if gone or 0).
-long cpu_ticks(pid_t pid) {
-  if (pid <= 0)
-    return 0;
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto close = stat.rfind(')');
-  if (close == std::string::npos)
-    return 0;
-  std::istringstream rest(stat.substr(close + 2));
-  std::string field;
-  long utime = 0, stime = 0;
-  for (int i = 3; rest >> field; ++i) {
-    if (i == 14)
-      utime = std::stol(field);
-    if (i == 15) {
-      stime = std::stol(field);
-      break;
-    }
-  }
-  return utime + stime;
-}
 
 /// CPU time used by `pids` between construction and stop(), as percent of
 /// one core over `seconds`.
@@ -769,7 +606,7 @@ class mqtt_client {
   void publish(const std::string& topic, const std::string& body, long window) {
     {
       std::unique_lock<std::mutex> lock(mtx_);
-      if (!cv_.wait_for(lock, 30s, [&] { return inflight_ < window || stop_requested; }))
+      if (!cv_.wait_for(lock, 30s, [&] { return inflight_ < window || bench::stop_requested(); }))
         fail("no PUBACK from broker C for 30 s");
       ++inflight_;
     }
@@ -809,8 +646,7 @@ class mqtt_client {
     std::unique_lock<std::mutex> lock(mtx_);
     auto deadline = bench_clock::now() + timeout;
     while (!pred()) {
-      if (stop_requested)
-        fail("interrupted");
+      check_stop();
       if (cv_.wait_until(lock, std::min(deadline, bench_clock::now() + 100ms)) ==
             std::cv_status::timeout &&
           bench_clock::now() >= deadline)
@@ -933,11 +769,7 @@ int run(int argc, char** argv) {
   const long total = per_sender * senders;
   auto progs = programs::find();
 
-  struct sigaction sa {};
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  ::sigaction(SIGINT, &sa, nullptr);
-  ::sigaction(SIGTERM, &sa, nullptr);
+  bench::install_stop_handler();
 
   std::printf(
     "bench-chain: %ld messages of %zu bytes per round, best of %ld rounds, window %ld, %ld "
@@ -1024,11 +856,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "%.*s: %s\n", static_cast<int>(bench_name.size()), bench_name.data(),
-                 e.what());
-    return 1;
-  }
+  return bench::run_main(bench_name, run, argc, argv);
 }

@@ -42,6 +42,7 @@
 // (0: no fleet), --reps=N, --poll-ms=N, --gw-threads=N (each gateway's
 // --threads; 0 = the node's default). The program: CANOPY_BIN, else the build's.
 #include "bench/bench_common.hpp"
+#include "bench/bench_fleet.hpp"
 #include "gateway/certs.hpp"
 #include "gateway/control_client.hpp"
 #include "gateway/hub_client.hpp"
@@ -49,22 +50,14 @@
 
 #include <nlohmann/json.hpp>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
-#include <atomic>
-#include <cstring>
-#include <fstream>
 #include <future>
 #include <limits>
 #include <map>
 #include <memory>
 #include <optional>
 #include <set>
-#include <sstream>
 #include <stdexcept>
 #include <thread>
 
@@ -77,155 +70,18 @@ namespace {
 
 constexpr std::string_view bench_name = "bench-deploy-propagation";
 
-/// A failure: run() unwinds, so every child process and temp dir goes.
-[[noreturn]] void fail(const std::string& what) {
-  throw std::runtime_error(what);
-}
-
-// --- stopping ---------------------------------------------------------------
-
-// SIGINT/SIGTERM: the handler kills the children (kill() is async-signal safe)
-// and sets the flag; the next wait sees it and unwinds.
-std::atomic<bool> stop_requested{false};
-constexpr int max_children = 1100;
-std::atomic<pid_t> child_pids[max_children];
-
-void on_stop_signal(int) {
-  stop_requested = true;
-  for (auto& p : child_pids)
-    if (pid_t pid = p.load(); pid > 0)
-      ::kill(pid, SIGKILL);
-}
-
-void check_stop() {
-  if (stop_requested)
-    fail("interrupted");
-}
-
-/// A canopy process known to the signal handler; killed when destroyed.
-class tracked_process {
- public:
-  explicit tracked_process(const std::vector<std::string>& argv) : proc_(argv) {
-    for (auto& p : child_pids) {
-      pid_t expected = 0;
-      if (p.compare_exchange_strong(expected, proc_.pid()))
-        return;
-    }
-  }
-  ~tracked_process() {
-    for (auto& p : child_pids) {
-      pid_t expected = proc_.pid();
-      if (p.compare_exchange_strong(expected, 0))
-        break;
-    }
-    proc_.kill();
-  }
-  tracked_process(const tracked_process&) = delete;
-  tracked_process& operator=(const tracked_process&) = delete;
-
-  test::child_process& get() { return proc_; }
-
-  /// The last `keep` bytes of its output (for failure messages).
-  std::string output_tail(std::size_t keep = 2000) const {
-    auto out = proc_.output();
-    return out.size() > keep ? "..." + out.substr(out.size() - keep) : out;
-  }
-
- private:
-  test::child_process proc_;
-};
-
-/// Calls `pred` every `interval` until true; fails with `what` after `timeout`.
-void wait_or_fail(const std::function<bool()>& pred, std::chrono::milliseconds timeout, const std::string& what,
-                  std::chrono::milliseconds interval = 20ms) {
-  auto deadline = bench_clock::now() + timeout;
-  while (!pred()) {
-    check_stop();
-    if (bench_clock::now() >= deadline)
-      fail("timed out waiting for " + what);
-    std::this_thread::sleep_for(interval);
-  }
-}
-
-// --- small things -------------------------------------------------------------
-
-/// `--name=value` or `--name value`, else `fallback`.
-long option(int argc, char** argv, const std::string& name, long fallback) {
-  const std::string flag = "--" + name;
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == flag)
-      return std::stol(argv[i + 1]);
-  return bench::arg(argc, argv, name, fallback);
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0)
-    fail("socket: " + std::string(std::strerror(errno)));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
-    ::close(fd);
-    fail("bind 127.0.0.1:0: " + std::string(std::strerror(errno)));
-  }
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
-std::string loopback(int port) {
-  return "127.0.0.1:" + std::to_string(port);
-}
-
-/// VmRSS of `pid` in KiB (0 if gone).
-long rss_kb(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("VmRSS:", 0) == 0)
-      return std::stol(line.substr(6));
-  return 0;
-}
-
-/// Pss of `pid` in KiB (its share of the pages it uses: shared libraries
-/// count once across the fleet), from /proc/PID/smaps_rollup (0 if gone).
-long pss_kb(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/smaps_rollup");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("Pss:", 0) == 0)
-      return std::stol(line.substr(4));
-  return 0;
-}
-
-/// MemAvailable of the machine in MiB.
-long mem_available_mb() {
-  std::ifstream in("/proc/meminfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("MemAvailable:", 0) == 0)
-      return std::stol(line.substr(13)) / 1024;
-  return 0;
-}
-
-/// utime + stime of `pid` in ms, from /proc/PID/stat (0 if gone).
-double cpu_ms(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto close = stat.rfind(')');
-  if (close == std::string::npos)
-    return 0;
-  std::istringstream rest(stat.substr(close + 2));
-  std::string field;
-  long ticks = 0;
-  for (int i = 3; rest >> field && i <= 15; ++i)
-    if (i == 14 || i == 15)
-      ticks += std::stol(field);
-  return 1000.0 * static_cast<double>(ticks) / static_cast<double>(::sysconf(_SC_CLK_TCK));
-}
+using bench::check_stop;
+using bench::cpu_ms;
+using bench::fail;
+using bench::free_port;
+using bench::loopback;
+using bench::mem_available_mb;
+using bench::option;
+using bench::parent_link_up;
+using bench::pss_kb;
+using bench::rss_kb;
+using bench::tracked_process;
+using bench::wait_or_fail;
 
 std::int64_t wall_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
@@ -285,42 +141,21 @@ class tree {
   tree(std::string canopy, std::vector<gateway> gateways, long gw_threads)
       : canopy_(std::move(canopy)), gw_threads_(gw_threads), dir_("cnbd"), gws_(std::move(gateways)) {
     certs_ = dir_.file("certs");
-    auto ca = certs::create_root_ca("bench fleet CA", std::chrono::hours{24});
-    if (!ca)
-      fail("root CA: " + ca.err().message);
-    if (auto w = certs::write_files(certs_, "ca", *ca); !w)
-      fail(w.err().message);
-    issue("hub", *ca);
+    const auto ca = bench::make_fleet_ca(certs_);
+    bench::issue_cert(ca, certs_, "hub");
     for (auto& g : gws_)
-      issue(g.id, *ca);
+      bench::issue_cert(ca, certs_, g.id);
 
     hub_link_ = free_port();
     const int api = free_port();
     hub_data_ = dir_.file("hub");
-    hub_.emplace(std::vector<std::string>{canopy_, "run", "--role", "hub", "--device-id", "hub", "--certs", certs_,
-                                          "-d", hub_data_, "-s", dir_.file("hub.sock"), "--log-level", "warn",
-                                          "--link-listen", loopback(hub_link_), "--api-listen", loopback(api)});
-    const std::string token_file = hub_data_ + "/api-token";
+    hub_.emplace(bench::node_argv(canopy_, "hub", certs_, hub_data_, dir_.file("hub.sock"),
+                                  {"--role", "hub", "--link-listen", loopback(hub_link_), "--api-listen",
+                                   loopback(api)}));
     wait_or_fail([&] {
       check_hub();
-      if (!std::filesystem::exists(token_file))
-        return false;
-      hub_client_options o;
-      o.url = "https://" + loopback(api);
-      o.hub_id = "hub";
-      o.ca_path = certs_ + "/ca.crt";
-      auto token = certs::read_file(token_file);
-      if (!token || token->empty())
-        return false;
-      o.token = *token;
-      while (!o.token.empty() && (o.token.back() == '\n' || o.token.back() == '\r'))
-        o.token.pop_back();
-      o.connect_timeout = 15s;
-      auto c = hub_client::connect(o);
-      if (!c)
-        return false;
-      api_ = std::move(*c);
-      return true;
+      api_ = bench::try_hub_client(loopback(api), certs_, hub_data_, 15s);
+      return api_ != nullptr;
     }, 20s, "the hub's REST API", 50ms);
 
     for (auto& g : gws_)
@@ -376,11 +211,8 @@ class tree {
     for (auto& g : gws_)
       if (g.proc && !g.proc->get().wait_for(10s))
         g.proc->get().kill();
-    if (hub_) {
-      hub_->get().send_signal(SIGTERM);
-      if (!hub_->get().wait_for(10s))
-        hub_->get().kill();
-    }
+    if (hub_)
+      hub_->stop();
   }
   tree(const tree&) = delete;
   tree& operator=(const tree&) = delete;
@@ -402,8 +234,8 @@ class tree {
   void check_alive() {
     check_hub();
     for (auto& g : gws_)
-      if (g.proc && !g.proc->get().running())
-        fail("gateway " + g.id + " exited:\n" + g.proc->output_tail());
+      if (g.proc)
+        g.proc->check_alive("gateway " + g.id);
   }
 
   /// CPU time used so far by the hub and by all gateways together, ms.
@@ -428,38 +260,13 @@ class tree {
   }
 
  private:
-  static bool parent_link_up(const std::string& socket) {
-    auto client = control_client::connect(socket);
-    if (!client)
-      return false;
-    auto m = client->metrics();
-    if (!m)
-      return false;
-    for (const auto& l : m->links)
-      if (l.role == "parent" && l.up)
-        return true;
-    return false;
-  }
-
-  void check_hub() {
-    if (!hub_->get().running())
-      fail("the hub exited:\n" + hub_->output_tail());
-  }
-
-  void issue(const std::string& id, const certs::key_and_cert& ca) {
-    auto kc = certs::issue(ca, certs::for_id(id, std::chrono::hours{24}));
-    if (!kc)
-      fail("certificate of " + id + ": " + kc.err().message);
-    if (auto w = certs::write_files(certs_, id, *kc); !w)
-      fail(w.err().message);
-  }
+  void check_hub() { hub_->check_alive("the hub"); }
 
   void start(gateway& g, int parent_port) {
     g.data = dir_.file(g.id);
     g.socket = dir_.file(g.id + ".sock");
-    std::vector<std::string> argv{canopy_,   "run", "--device-id", g.id,   "--certs",     certs_,
-                                  "-d",      g.data, "-s",         g.socket, "--log-level", "warn",
-                                  "--parent", loopback(parent_port), "--parent-id", g.parent};
+    auto argv = bench::node_argv(canopy_, g.id, certs_, g.data, g.socket,
+                                 {"--parent", loopback(parent_port), "--parent-id", g.parent});
     if (g.link_port != 0) {
       argv.push_back("--link-listen");
       argv.push_back(loopback(g.link_port));
@@ -639,16 +446,8 @@ int run(int argc, char** argv) {
   const long gw_threads = option(argc, argv, "gw-threads", 0);
   if (depth < 0 || fleet_size < 0 || reps < 1 || poll.count() < 1 || gw_threads < 0 || fleet_size > 1000)
     fail("bad arguments: --depth >= 0, 0 <= --gateways <= 1000, --reps >= 1, --poll-ms >= 1, --gw-threads >= 0");
-  const char* env = std::getenv("CANOPY_BIN");
-  const std::string canopy = env != nullptr && *env != '\0' ? env : CANOPY_BIN;
-  if (::access(canopy.c_str(), X_OK) != 0)
-    fail(canopy + " is not an executable (build it: ninja -C build canopy)");
-
-  struct sigaction sa {};
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  ::sigaction(SIGINT, &sa, nullptr);
-  ::sigaction(SIGTERM, &sa, nullptr);
+  const std::string canopy = bench::find_program("CANOPY_BIN", CANOPY_BIN, "build it: ninja -C build canopy");
+  bench::install_stop_handler();
 
   std::optional<tree_figures> chain, fleet;
   double fleet_pss_mb = 0, gw_pss_mb = 0;
@@ -721,10 +520,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "%.*s: %s\n", static_cast<int>(bench_name.size()), bench_name.data(), e.what());
-    return 1;
-  }
+  return bench::run_main(bench_name, run, argc, argv);
 }

@@ -32,6 +32,7 @@
 // Options (--name=value or --name value): --links=N (at most 1000), --settle-ms=N.
 // The programs: CANOPY_BIN, else the build's; MOSQUITTO_BIN, else /usr/sbin/mosquitto.
 #include "bench/bench_common.hpp"
+#include "bench/bench_fleet.hpp"
 #include "gateway/certs.hpp"
 #include "gateway/control_client.hpp"
 #include "gateway/hub_client.hpp"
@@ -56,7 +57,6 @@
 
 #include <atomic>
 #include <cstring>
-#include <fstream>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -71,120 +71,19 @@ namespace {
 
 constexpr std::string_view bench_name = "bench-link-memory";
 
-/// A failure: run() unwinds, so every child process and temp dir goes.
-[[noreturn]] void fail(const std::string& what) {
-  throw std::runtime_error(what);
-}
-
-// --- stopping ---------------------------------------------------------------
-
-// SIGINT/SIGTERM: the handler kills the children (kill() is async-signal safe)
-// and sets the flag; the next wait sees it and unwinds.
-std::atomic<bool> stop_requested{false};
-constexpr int max_children = 4;
-std::atomic<pid_t> child_pids[max_children];
-
-void on_stop_signal(int) {
-  stop_requested = true;
-  for (auto& p : child_pids)
-    if (pid_t pid = p.load(); pid > 0)
-      ::kill(pid, SIGKILL);
-}
-
-void check_stop() {
-  if (stop_requested)
-    fail("interrupted");
-}
-
-/// A server process known to the signal handler; stopped when destroyed.
-class tracked_process {
- public:
-  explicit tracked_process(const std::vector<std::string>& argv) : proc_(argv) {
-    for (auto& p : child_pids) {
-      pid_t expected = 0;
-      if (p.compare_exchange_strong(expected, proc_.pid()))
-        return;
-    }
-  }
-  ~tracked_process() {
-    for (auto& p : child_pids) {
-      pid_t expected = proc_.pid();
-      if (p.compare_exchange_strong(expected, 0))
-        break;
-    }
-    proc_.send_signal(SIGTERM);
-    if (!proc_.wait_for(10s))
-      proc_.kill();
-  }
-  tracked_process(const tracked_process&) = delete;
-  tracked_process& operator=(const tracked_process&) = delete;
-
-  pid_t pid() const { return proc_.pid(); }
-
-  /// Fails, with the end of its output, if it exited.
-  void check_alive(const std::string& name) {
-    if (!proc_.running()) {
-      auto out = proc_.output();
-      fail(name + " exited:\n" + (out.size() > 2000 ? "..." + out.substr(out.size() - 2000) : out));
-    }
-  }
-
- private:
-  test::child_process proc_;
-};
-
-/// Calls `pred` every `interval` until true; fails with `what` after `timeout`.
-void wait_or_fail(const std::function<bool()>& pred, std::chrono::milliseconds timeout, const std::string& what,
-                  std::chrono::milliseconds interval = 20ms) {
-  auto deadline = bench_clock::now() + timeout;
-  while (!pred()) {
-    check_stop();
-    if (bench_clock::now() >= deadline)
-      fail("timed out waiting for " + what);
-    std::this_thread::sleep_for(interval);
-  }
-}
-
-// --- small things -------------------------------------------------------------
-
-/// `--name=value` or `--name value`, else `fallback`.
-long option(int argc, char** argv, const std::string& name, long fallback) {
-  const std::string flag = "--" + name;
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == flag)
-      return std::stol(argv[i + 1]);
-  return bench::arg(argc, argv, name, fallback);
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0)
-    fail("socket: " + std::string(std::strerror(errno)));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
-    ::close(fd);
-    fail("bind 127.0.0.1:0: " + std::string(std::strerror(errno)));
-  }
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
-std::string loopback(int port) {
-  return "127.0.0.1:" + std::to_string(port);
-}
+using bench::check_stop;
+using bench::end_with;
+using bench::fail;
+using bench::free_port;
+using bench::loopback;
+using bench::option;
+using bench::tracked_process;
+using bench::wait_or_fail;
 
 /// VmRSS of `pid` ("self" for this process) in KiB; fails if unreadable.
 long rss_kb(const std::string& pid) {
-  std::ifstream in("/proc/" + pid + "/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("VmRSS:", 0) == 0)
-      return std::stol(line.substr(6));
+  if (long kb = bench::rss_kb(pid); kb > 0)
+    return kb;
   check_stop();  // killed by the signal handler
   fail("no VmRSS in /proc/" + pid + "/status (has the process exited?)");
 }
@@ -387,7 +286,7 @@ mosquitto_figures measure_mosquitto(const std::string& mosquitto, const test::te
   }
   const std::string conf_path = dir.file(tls ? "mosquitto-tls.conf" : "mosquitto-tcp.conf");
   test::write_text_file(conf_path, conf);
-  tracked_process broker({mosquitto, "-c", conf_path});
+  tracked_process broker({mosquitto, "-c", conf_path}, {}, end_with::sigterm);
   wait_or_fail([&] {
     broker.check_alive("mosquitto");
     int fd = tcp_connect(port);
@@ -518,50 +417,23 @@ struct canopy_figures {
   double server_side_kb = 0;  ///< an in-process link_server's cost of one link (no CAF, no registry)
 };
 
-/// The number of child links the hub shows up, over its control socket.
-long hub_children_up(const std::string& socket) {
-  auto client = control_client::connect(socket);
-  if (!client)
-    return -1;
-  auto m = client->metrics();
-  if (!m)
-    return -1;
-  long n = 0;
-  for (const auto& l : m->links)
-    if (l.role == "child" && l.up)
-      ++n;
-  return n;
-}
-
 canopy_figures measure_canopy(const std::string& canopy, const test::temp_dir& dir, const certs::key_and_cert& ca,
                               long n, std::chrono::milliseconds settle) {
   const std::string certs_dir = dir.file("certs");
   const int link_port = free_port(), api_port = free_port();
   const std::string data = dir.file("hub"), socket = dir.file("hub.sock");
-  tracked_process hub({canopy, "run", "--role", "hub", "--device-id", "hub", "--certs", certs_dir, "-d", data, "-s",
-                       socket, "--log-level", "warn", "--link-listen", loopback(link_port), "--api-listen",
-                       loopback(api_port)});
+  tracked_process hub(bench::node_argv(canopy, "hub", certs_dir, data, socket,
+                                       {"--role", "hub", "--link-listen", loopback(link_port), "--api-listen",
+                                        loopback(api_port)}),
+                      {}, end_with::sigterm);
 
   // Register the gateways, then let go of the REST client (its event loop is this thread's).
   {
     std::unique_ptr<hub_client> api;
     wait_or_fail([&] {
       hub.check_alive("the hub");
-      auto token = certs::read_file(data + "/api-token");
-      if (!token || token->empty())
-        return false;
-      hub_client_options o;
-      o.url = "https://" + loopback(api_port);
-      o.hub_id = "hub";
-      o.ca_path = certs_dir + "/ca.crt";
-      o.token = *token;
-      while (!o.token.empty() && (o.token.back() == '\n' || o.token.back() == '\r'))
-        o.token.pop_back();
-      auto c = hub_client::connect(o);
-      if (!c)
-        return false;
-      api = std::move(*c);
-      return true;
+      api = bench::try_hub_client(loopback(api_port), certs_dir, data);
+      return api != nullptr;
     }, 20s, "the hub's REST API", 50ms);
     for (long i = 0; i < n; ++i) {
       check_stop();
@@ -598,13 +470,13 @@ canopy_figures measure_canopy(const std::string& canopy, const test::temp_dir& d
     std::printf("canopy: %ld child links up (%.1f s)\n", n, elapsed_s());
     wait_or_fail([&] {
       hub.check_alive("the hub");
-      return hub_children_up(socket) == n;
+      return bench::links_up(socket, "child") == n;
     }, 30s, "the hub to show every child link up", 100ms);
     f.loaded_kb = settled_rss_kb(hub.pid(), settle);
     const long self_after = rss_kb("self");
     if (to_hub.downs() != 0)
       fail("a child link went down while measuring: " + to_hub.last_error());
-    if (hub_children_up(socket) != n)
+    if (bench::links_up(socket, "child") != n)
       fail("the hub lost child links while measuring");
     f.per_link_kb = per_item_kb(f.idle_kb, f.loaded_kb, n);
     f.child_side_kb = per_item_kb(self_before, self_after, n);
@@ -645,44 +517,25 @@ int run(int argc, char** argv) {
   const auto settle = std::chrono::milliseconds{option(argc, argv, "settle-ms", 1000)};
   if (n < 1 || n > 1000 || settle.count() < 0)
     fail("bad arguments: 1 <= --links <= 1000 (the hub's max_connections is 1024), --settle-ms >= 0");
-  const char* env = std::getenv("CANOPY_BIN");
-  const std::string canopy = env != nullptr && *env != '\0' ? env : CANOPY_BIN;
-  const char* mq_env = std::getenv("MOSQUITTO_BIN");
-  const std::string mosquitto = mq_env != nullptr && *mq_env != '\0' ? mq_env : "/usr/sbin/mosquitto";
-  if (::access(canopy.c_str(), X_OK) != 0)
-    fail(canopy + " is not an executable (build it: ninja -C build canopy)");
-  if (::access(mosquitto.c_str(), X_OK) != 0)
-    fail(mosquitto + " is not an executable (apt-get install mosquitto, or set MOSQUITTO_BIN)");
-
-  struct sigaction sa {};
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  ::sigaction(SIGINT, &sa, nullptr);
-  ::sigaction(SIGTERM, &sa, nullptr);
+  const std::string canopy = bench::find_program("CANOPY_BIN", CANOPY_BIN, "build it: ninja -C build canopy");
+  const std::string mosquitto = bench::find_program("MOSQUITTO_BIN", "/usr/sbin/mosquitto",
+                                                    "apt-get install mosquitto, or set MOSQUITTO_BIN");
+  bench::install_stop_handler();
   ::signal(SIGPIPE, SIG_IGN);
   // The links log every connect and disconnect at info: 2N lines per round.
   spdlog::set_level(spdlog::level::err);
 
   // One fleet CA for everything: the hub, the children, mosquitto and its clients.
   test::temp_dir dir("cnbl");
-  auto ca = certs::create_root_ca("bench fleet CA", std::chrono::hours{24});
-  if (!ca)
-    fail("root CA: " + ca.err().message);
   const std::string certs_dir = dir.file("certs");
-  if (auto w = certs::write_files(certs_dir, "ca", *ca); !w)
-    fail(w.err().message);
-  for (const char* id : {"hub", "mqtt-broker"}) {
-    auto kc = certs::issue(*ca, certs::for_id(id, std::chrono::hours{24}));
-    if (!kc)
-      fail(std::string("certificate of ") + id + ": " + kc.err().message);
-    if (auto w = certs::write_files(certs_dir, id, *kc); !w)
-      fail(w.err().message);
-  }
-  auto mqtt_client_id = certs::issue(*ca, certs::for_id("mqtt-client", std::chrono::hours{24}));
+  const auto ca = bench::make_fleet_ca(certs_dir);
+  for (const char* id : {"hub", "mqtt-broker"})
+    bench::issue_cert(ca, certs_dir, id);
+  auto mqtt_client_id = certs::issue(ca, certs::for_id("mqtt-client", std::chrono::hours{24}));
   if (!mqtt_client_id)
     fail("certificate of the MQTT clients: " + mqtt_client_id.err().message);
 
-  auto client_tls = client_context(ca->cert_pem, *mqtt_client_id);
+  auto client_tls = client_context(ca.cert_pem, *mqtt_client_id);
   const auto t0 = bench_clock::now();
   auto mq_tcp = measure_mosquitto(mosquitto, dir, false, n, nullptr, settle);
   std::printf("(%.1f s) ", elapsed_s());
@@ -694,7 +547,7 @@ int run(int argc, char** argv) {
               mq_tls.idle_kb, mq_tls.loaded_kb, mq_tls.per_conn_kb);
   std::fflush(stdout);
 
-  auto cn = measure_canopy(canopy, dir, *ca, n, settle);
+  auto cn = measure_canopy(canopy, dir, ca, n, settle);
   std::printf("canopy hub: %ld child links (mutual TLS, Cap'n Proto RPC): VmRSS %ld -> %ld KiB, %.2f KiB each\n", n,
               cn.idle_kb, cn.loaded_kb, cn.per_link_kb);
   std::printf("  of which the network side (a link_server alone, in-process: TCP + kj-tls + RPC) %.2f KiB; the "
@@ -714,10 +567,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "%.*s: %s\n", static_cast<int>(bench_name.size()), bench_name.data(), e.what());
-    return 1;
-  }
+  return bench::run_main(bench_name, run, argc, argv);
 }
