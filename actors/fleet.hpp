@@ -74,7 +74,7 @@ struct fleet_config {
   /// Replaces the desired properties of a module of this node's deployment.
   std::function<void(std::string module, nlohmann::json desired, reply_fn<void> done)> module_desired;
   /// How often this node's own reported state is compared and sent up if changed.
-  std::chrono::milliseconds report_interval{250};
+  std::chrono::milliseconds report_interval{1000};
   clock* clk = nullptr;
   std::shared_ptr<children_board> board;      ///< required
 };
