@@ -1,5 +1,7 @@
 #include "gateway/hub_api.hpp"
 
+#include "runtime/manifest.hpp"
+
 #include "gateway/http_server.hpp"
 #include "gateway/hub_control.hpp"
 #include "runtime/registry.hpp"
@@ -145,33 +147,8 @@ std::string base64(std::string_view in) {
   return out;
 }
 
-/// True if the arrays/objects in the JSON text `text` nest at most `limit`
-/// deep (nlohmann parses iteratively, but dump() and comparisons recurse).
-bool nesting_within(std::string_view text, int limit) {
-  int depth = 0;
-  bool in_string = false;
-  bool escaped = false;
-  for (char c : text) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-      continue;
-    }
-    if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > limit)
-        return false;
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  return true;
-}
+/// True if the arrays/objects in the JSON text `text` nest at most `limit` deep.
+bool nesting_within(std::string_view text, int limit) { return !json_too_deep(text, limit); }
 
 /// JSON text as JSON: null when empty, the text itself (a string) when it is
 /// not JSON.

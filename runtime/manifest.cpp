@@ -106,33 +106,6 @@ bool is_schema_version(std::string_view s) noexcept {
   return std::all_of(s.begin() + 2, s.end(), [](char c) { return c >= '0' && c <= '9'; });
 }
 
-// Byte offset (1-based) of the first '[' or '{' nested deeper than `limit`.
-std::optional<std::size_t> too_deep(std::string_view text, int limit) noexcept {
-  int depth = 0;
-  bool in_string = false;
-  bool escaped = false;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    char c = text[i];
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-      continue;
-    }
-    if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > limit)
-        return i + 1;
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  return std::nullopt;
-}
 
 struct problem {
   errc code;
@@ -619,7 +592,7 @@ expected<deployment> parse_manifest(std::string_view json_text, const manifest_o
       return make_error(errc::invalid_argument, "manifest is " + std::to_string(json_text.size())
                                                   + " bytes; the limit is "
                                                   + std::to_string(max_manifest_size));
-    if (auto at = too_deep(json_text, max_manifest_depth))
+    if (auto at = json_too_deep(json_text, max_manifest_depth))
       return make_error(errc::invalid_argument, "invalid JSON at byte " + std::to_string(*at)
                                                   + ": nested deeper than "
                                                   + std::to_string(max_manifest_depth) + " levels");
@@ -646,6 +619,33 @@ expected<deployment> parse_manifest(std::string_view json_text, const manifest_o
   } catch (const std::exception& e) {
     return make_error(errc::failed, std::string("manifest validation failed: ") + e.what());
   }
+}
+
+std::optional<std::size_t> json_too_deep(std::string_view text, int limit) noexcept {
+  int depth = 0;
+  bool in_string = false;
+  bool escaped = false;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    char c = text[i];
+    if (in_string) {
+      if (escaped)
+        escaped = false;
+      else if (c == '\\')
+        escaped = true;
+      else if (c == '"')
+        in_string = false;
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > limit)
+        return i + 1;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return std::nullopt;
 }
 
 }  // namespace canopy

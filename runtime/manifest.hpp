@@ -42,6 +42,7 @@
 
 #include <cstddef>
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -76,6 +77,12 @@ inline constexpr int max_manifest_depth = 64;
 /// problems, one per line. Never throws. Cost: linear in the manifest size plus
 /// one resolver call per module.
 expected<deployment> parse_manifest(std::string_view json_text, const manifest_options& opts);
+
+/// Byte offset (1-based) of the first '[' or '{' of the JSON text `text` nested
+/// deeper than `limit` (strings skipped), or nullopt. nlohmann parses
+/// iteratively, but dump() and comparisons recurse: callers bound the depth of
+/// untrusted documents with this before parsing. Linear, never throws.
+std::optional<std::size_t> json_too_deep(std::string_view text, int limit) noexcept;
 
 /// The resolution used when no resolver is given: "builtin:NAME" → "" (error if
 /// NAME is empty), an absolute path → itself, a relative one → base_dir/path
