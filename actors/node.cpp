@@ -33,11 +33,13 @@
 #include <cerrno>
 #include <cstring>
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 namespace canopy {
 
@@ -451,8 +453,15 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
   n.cfg->set("logger.verbosity", caf::atom("quiet"));
   // Bound how long one busy actor keeps a worker (fairness between modules).
   n.cfg->set("scheduler.max-throughput", 500);
-  if (n.opts.worker_threads > 0)
-    n.cfg->set("scheduler.max-threads", n.opts.worker_threads);
+  // One worker per core (CAF 0.17's default is at least 4), and no "moderate"
+  // polling: an idle CAF 0.17 worker otherwise sleeps 50 us at a time, 500
+  // times, before it waits on its condition variable — on a 2-core gateway
+  // running several nodes that is tens of thousands of wake-ups a second,
+  // and it took a quarter of the three-hop chain's throughput (bench-chain).
+  const unsigned cores = std::max(2u, std::thread::hardware_concurrency());
+  n.cfg->set("scheduler.max-threads",
+             n.opts.worker_threads > 0 ? n.opts.worker_threads : std::size_t{cores});
+  n.cfg->set("work-stealing.moderate-poll-attempts", 0);
   n.sys = std::make_unique<caf::actor_system>(*n.cfg);
   auto* hp = &n.handles;
   auto* np = &n;

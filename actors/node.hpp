@@ -28,7 +28,7 @@ struct node_options {
   std::string device_id;                 ///< "" = the host name
   log_options log;
   std::vector<std::string> module_path;  ///< extra directories for relative module libraries
-  std::size_t worker_threads = 0;        ///< 0 = CAF's default
+  std::size_t worker_threads = 0;        ///< 0 = one per core (at least 2)
   /// Size limit of the message store (data_dir/messages.db) in bytes; 0 = none.
   /// At the limit the node refuses new messages ("store full") and counts them.
   std::int64_t max_store_bytes = 0;

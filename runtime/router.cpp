@@ -115,6 +115,8 @@ struct pending_msg {
   std::int64_t at_ms;  ///< wall time it entered the batch (injected clock)
   std::size_t first;  ///< index of its first target in router_state::targets
   std::size_t count;
+  std::uint64_t no;   ///< its number among all messages routed (router_state::next_msg_no)
+  bool waited = false;  ///< a sender waits for it (it is not answered before it is safe)
 };
 
 /// The senders of one (inject_batch): answered together once the last of
@@ -129,6 +131,10 @@ struct batch_waiter {
 struct waiting_sender {
   caf::typed_response_promise<std::uint64_t> promise;  ///< (inject); unused for a batch member
   std::uint64_t targets;
+  std::uint64_t msg_no = 0;             ///< pending_msg::no of its message
+  /// Its message goes to a module input too: what the module sends while
+  /// handling it must be durable before this sender hears "done".
+  bool to_module = false;
   std::shared_ptr<batch_waiter> batch;  ///< set for a member of an (inject_batch)
   std::size_t index = 0;                ///< its position in the batch
 
@@ -240,7 +246,9 @@ struct router_state {
   // The group-commit batch.
   std::vector<pending_msg> batch;
   std::vector<pending_target> targets;
-  std::vector<waiting_sender> waiting;
+  std::vector<waiting_sender> waiting;  ///< in message order
+  std::uint64_t next_msg_no = 0;
+  std::size_t waiting_to_module = 0;  ///< members of `waiting` with to_module
   bool flush_scheduled = false;   ///< a flush message (delayed or not) is on its way
   bool flush_soon = false;        ///< an immediate one is
   bool refill_wanted = false;
@@ -320,23 +328,34 @@ lane* lane_of(router_state& st, const std::string& endpoint, int priority) {
 
 void schedule_flush(router_actor* self, bool soon);
 
+/// Deliveries `r` may have unacknowledged.
+std::size_t window_of(const router_state& st, const receiver& r) {
+  return r.is_upstream ? st.cfg.upstream_window : st.cfg.receiver_window;
+}
+
+/// Messages `l` holds in memory: a $upstream lane at least what its receiver
+/// may have unacknowledged.
+std::size_t lane_window_of(const router_state& st, const lane& l) {
+  return l.rcv->is_upstream ? std::max(st.cfg.lane_window, st.cfg.upstream_window)
+                            : st.cfg.lane_window;
+}
+
 /// True if `l` has room for a new message in its window.
 bool window_has_room(const router_state& st, const lane& l) {
-  return l.mem.size() < st.cfg.lane_window && l.mem_bytes < st.cfg.lane_window_bytes;
+  return l.mem.size() < lane_window_of(st, l) && l.mem_bytes < st.cfg.lane_window_bytes;
 }
 
 /// True if a spilled lane's window has drained enough to read the next part.
 bool wants_refill(const router_state& st, const lane& l) {
-  return l.spilled && l.mem.size() <= st.cfg.lane_window / 2 &&
+  return l.spilled && l.mem.size() <= lane_window_of(st, l) / 2 &&
          l.mem_bytes <= st.cfg.lane_window_bytes / 2;
 }
 
 /// The highest stored seq of `l` its receiver's free slots can take now: the
 /// delivery mark to persist before handing those over.
 std::int64_t mark_target(const router_state& st, const lane& l) {
-  std::size_t free = st.cfg.receiver_window > l.rcv->out.size()
-                       ? st.cfg.receiver_window - l.rcv->out.size()
-                       : 0;
+  const std::size_t window = window_of(st, *l.rcv);
+  std::size_t free = window > l.rcv->out.size() ? window - l.rcv->out.size() : 0;
   std::int64_t target = 0;
   for (std::size_t i = l.handed; i < l.mem.size() && free > 0; ++i) {
     const entry& e = l.mem[i];
@@ -410,7 +429,7 @@ void pump(router_actor* self, receiver& r, std::int64_t now_ms = -1) {
   if (!r.instance || r.retry_wait)
     return;
   const std::int64_t now = now_ms >= 0 ? now_ms : st.cfg.clk->wall_ms();
-  while (r.out.size() < st.cfg.receiver_window) {
+  while (r.out.size() < window_of(st, r)) {
     lane* chosen = nullptr;
     entry* chosen_e = nullptr;
     bool chosen_blocked = false;
@@ -508,7 +527,7 @@ void refill(router_actor* self, lane& l) {
     return;
   constexpr std::size_t chunk = 100;
   while (l.spilled && window_has_room(st, l)) {
-    const std::size_t want = std::min(chunk, st.cfg.lane_window - l.mem.size());
+    const std::size_t want = std::min(chunk, lane_window_of(st, l) - l.mem.size());
     auto rows = st.cfg.store->read(l.endpoint, l.priority, l.read_cursor, want);
     if (!rows) {
       log_store_error(self, "reading " + l.endpoint, rows.err());
@@ -659,6 +678,86 @@ bool finish_commit(router_actor* self) {
   return true;
 }
 
+/// What is still open of a message of the batch.
+struct open_state {
+  bool none = true;           ///< every target acknowledged (or expired): nothing to write
+  bool upstream_only = true;  ///< the open ones are all deliveries to $upstream under way
+};
+
+open_state open_targets(const router_state& st, const pending_msg& pm) {
+  open_state o;
+  for (std::size_t k = pm.first; k < pm.first + pm.count; ++k) {
+    const pending_target& t = st.targets[k];
+    if (t.in_mem && t.pos < t.l->front_pos)
+      continue;  // acknowledged and popped
+    const entry* e = t.in_mem ? &t.l->mem[t.pos - t.l->front_pos] : nullptr;
+    if (e != nullptr && e->done)
+      continue;
+    o.none = false;
+    if (e == nullptr || e->token == 0 || !t.l->rcv->is_upstream)
+      o.upstream_only = false;
+  }
+  return o;
+}
+
+/// Answers, in order, the waiting senders whose messages every target has
+/// acknowledged and that went to no module input: they need no commit to be
+/// answered.
+void answer_acknowledged(router_state& st) {
+  if (st.batch.empty())
+    return;
+  std::size_t n = 0;
+  for (; n < st.waiting.size(); ++n) {
+    // One whose message a module took waits for the commit (see waiting_sender).
+    if (st.waiting[n].to_module)
+      break;
+    const std::uint64_t i = st.waiting[n].msg_no - st.batch.front().no;  // consecutive numbers
+    if (i >= st.batch.size() || !open_targets(st, st.batch[i]).none)
+      break;
+    st.waiting[n].done();
+  }
+  st.waiting.erase(st.waiting.begin(), st.waiting.begin() + static_cast<std::ptrdiff_t>(n));
+}
+
+/// How many messages at the front of the batch a timed flush commits. A
+/// message waits in memory for its acknowledgement for `commit_interval`, or
+/// not at all while a sender waits, except one whose every open target is a
+/// delivery to $upstream under way and whose sender waits: that receiver
+/// acknowledges only once the message is durable beyond this node (the
+/// parent's store, or the local telemetry store), and the sender is answered
+/// only then, so it may wait up to `upstream_hold` and, acknowledged in time,
+/// is never written here — unless a sender waits for a message that went
+/// to a module. The batch goes in order, so the first message that may still
+/// wait ends the cut.
+std::size_t commit_cut(const router_state& st) {
+  using std::chrono::duration_cast;
+  using std::chrono::milliseconds;
+  if (st.cfg.commit_interval.count() == 0)
+    return st.batch.size();
+  const std::int64_t now = st.cfg.clk->wall_ms();
+  const std::int64_t base =
+    st.waiting.empty() ? duration_cast<milliseconds>(st.cfg.commit_interval).count() : 0;
+  // While a sender waits for a message a module took, everything routed
+  // before its answer must be durable (the module's outputs too): no holding.
+  const std::int64_t hold =
+    st.waiting_to_module == 0 ? duration_cast<milliseconds>(st.cfg.upstream_hold).count() : 0;
+  std::size_t cut = 0;
+  for (; cut < st.batch.size(); ++cut) {
+    const pending_msg& pm = st.batch[cut];
+    const std::int64_t age = now - pm.at_ms;
+    if (age >= std::max(base, hold))
+      continue;  // waited long enough whatever its targets
+    const auto open = open_targets(st, pm);
+    if (open.none)
+      continue;  // nothing to write: costs the commit nothing
+    // Only a message whose sender waits: that sender sends it again if this
+    // node goes. A module's output gets no longer than any message.
+    if (age < (pm.waited && open.upstream_only ? std::max(base, hold) : base))
+      break;
+  }
+  return cut;
+}
+
 /// Group commit: hands the batch to the writer thread (what every endpoint
 /// acknowledged before this point is left out) and goes on routing while it is
 /// written. A commit still in flight is completed first, so commits stay in
@@ -671,15 +770,7 @@ void flush(router_actor* self, bool all = true) {
   st.flush_soon = false;
   if (st.inflight && !finish_commit(self))
     return;  // the store is failing: retried on its timer
-  std::size_t cut = st.batch.size();
-  if (!all && st.waiting.empty() && st.cfg.commit_interval.count() > 0) {
-    const std::int64_t oldest_young =
-      st.cfg.clk->wall_ms() -
-      std::chrono::duration_cast<std::chrono::milliseconds>(st.cfg.commit_interval).count();
-    cut = 0;
-    while (cut < st.batch.size() && st.batch[cut].at_ms <= oldest_young)
-      ++cut;
-  }
+  const std::size_t cut = all ? st.batch.size() : commit_cut(st);
   auto job = std::make_unique<commit_job>();
   job->flat.reserve(st.targets.size());
   for (std::size_t bi = 0; bi < cut; ++bi) {
@@ -711,8 +802,15 @@ void flush(router_actor* self, bool all = true) {
       pm.first -= first_kept;
     schedule_flush(self, false);
   }
-  job->waiting = std::move(st.waiting);
-  st.waiting.clear();
+  // The senders of the messages that go (or were acknowledged) are answered
+  // by this commit; those of the held rest wait for a later one.
+  const std::uint64_t kept_from = cut < st.batch.size() ? st.batch[cut].no : st.next_msg_no;
+  auto split = std::find_if(st.waiting.begin(), st.waiting.end(),
+                            [&](const waiting_sender& w) { return w.msg_no >= kept_from; });
+  for (auto it = st.waiting.begin(); it != split; ++it)
+    st.waiting_to_module -= it->to_module ? 1 : 0;
+  job->waiting.assign(std::make_move_iterator(st.waiting.begin()), std::make_move_iterator(split));
+  st.waiting.erase(st.waiting.begin(), split);
   if (job->entries.empty()) {
     for (auto& w : job->waiting)
       w.done();
@@ -806,10 +904,15 @@ std::uint64_t enqueue(router_actor* self, routed_message&& in, waiting_sender* w
     }
     st.targets.push_back(t);
   }
-  st.batch.push_back({std::move(rm), now, first, total});
-  // Answered by the flush that commits this batch (possibly the one below).
+  const std::uint64_t no = st.next_msg_no++;
+  st.batch.push_back({std::move(rm), now, first, total, no, waiter != nullptr});
+  // Answered by the flush that commits this message (possibly the one below).
   if (waiter != nullptr) {
     waiter->targets = total;
+    waiter->msg_no = no;
+    for (std::size_t i = 0; i < total && !waiter->to_module; ++i)
+      waiter->to_module = !st.targets[first + i].l->rcv->is_upstream;
+    st.waiting_to_module += waiter->to_module ? 1 : 0;
     st.waiting.push_back(std::move(*waiter));
   }
   for (std::size_t i = 0; i < total; ++i) {
@@ -847,6 +950,7 @@ void acknowledge(router_actor* self, receiver& r, std::uint64_t token) {
   if (last != nullptr) {
     pop_done(self, *last);
     r.retry_attempt = 0;
+    answer_acknowledged(st);
   }
   pump(self, r);
 }

@@ -44,9 +44,16 @@
 //   (nothing is left to keep); otherwise it is committed and each lane's
 //   checkpoint moves when its receiver acknowledges. Senders that wait (inject)
 //   are answered only after that point.
-// - At most `receiver_window` deliveries per receiver are unacknowledged; a
-//   receiver that goes down gets its unacknowledged deliveries again, in
-//   order, when it comes back. A $upstream receiver that nacks is retried with
+// - Write elision for $upstream: its receiver acknowledges a message only once
+//   it is durable beyond this node (in the parent's store, or the local
+//   telemetry store), so a message whose only open delivery is to $upstream
+//   may wait `upstream_hold` for that acknowledgement, even while its sender
+//   waits, and is then never written here. Its sender is answered at the
+//   next commit after the acknowledgement; messages behind it in the batch
+//   wait with it (commits go in order).
+// - At most `receiver_window` (`upstream_window` for $upstream) deliveries
+//   per receiver are unacknowledged; a receiver that goes down gets its
+//   unacknowledged deliveries again, in order, when it comes back. A $upstream receiver that nacks is retried with
 //   exponential backoff (`retry_base` .. `retry_cap`) on the injected clock.
 // - Priorities: a receiver takes the most urgent lane that has a message,
 //   except that a lane passed over `starvation_limit` times in a row goes next.
@@ -119,11 +126,18 @@ struct router_config {
   std::shared_ptr<message_store> store;
   /// TTL of messages waiting in memory, retry backoff, expiry sweeps; required.
   clock* clk = nullptr;
-  std::size_t lane_window = 1000;         ///< messages of one lane held in memory
+  std::size_t lane_window = 1000;         ///< messages of one lane held in memory ($upstream: at least upstream_window)
   std::int64_t lane_window_bytes = 16 << 20;  ///< and at most this many encoded bytes
-  std::size_t receiver_window = 1000;     ///< unacknowledged deliveries per receiver
+  std::size_t receiver_window = 1000;     ///< unacknowledged deliveries per module receiver
+  /// Unacknowledged deliveries to $upstream: a parent link keeps them on the
+  /// wire and in its parent's commit, so it needs more to keep a link busy.
+  std::size_t upstream_window = 4096;
   std::size_t commit_batch = 4096;        ///< commit at once when this many wait
   std::chrono::microseconds commit_interval{2000};  ///< longest wait before a commit
+  /// How long a message handed to $upstream may wait for its acknowledgement
+  /// before it is committed, even while its sender waits (see "Write elision"
+  /// above); 0 = as any message.
+  std::chrono::microseconds upstream_hold{20000};
   int starvation_limit = 16;              ///< see "Priorities" above
   std::chrono::milliseconds retry_base{100};
   std::chrono::milliseconds retry_cap{30000};

@@ -152,7 +152,7 @@ expected<void> node_store::prepare_statements() {
       {&delete_reported_, "DELETE FROM reported WHERE module = ?1"},
       {&append_upstream_,
        "INSERT INTO upstream (enqueued_ms, source_module, output, message, source_device) "
-       "VALUES (?1, ?2, ?3, ?4, ?5) RETURNING seq"},
+       "VALUES (?1, ?2, ?3, ?4, ?5)"},
       {&read_upstream_,
        "SELECT seq, enqueued_ms, source_module, output, message, source_device FROM upstream "
        "WHERE seq > ?1 ORDER BY seq LIMIT ?2"},
@@ -339,11 +339,12 @@ expected<std::vector<std::int64_t>> node_store::append_upstream(
     binder b(s);
     b.i64(e.enqueued_ms).text(e.source_module).text(e.output).blob(e.encoded).text(e.source_device);
     if (b.rc() != SQLITE_OK) return fail(stmt_error(s, b.rc()));
-    int rc = sqlite3_step(s);
-    if (rc != SQLITE_ROW) return fail(stmt_error(s, rc));
-    seqs.push_back(sqlite3_column_int64(s, 0));
-    rc = sqlite3_step(s);
+    // The row's seq is its rowid (INTEGER PRIMARY KEY): sqlite3_last_insert_rowid
+    // instead of RETURNING, which costs a third of the insert (it materializes
+    // the returned row).
+    const int rc = sqlite3_step(s);
     if (rc != SQLITE_DONE) return fail(stmt_error(s, rc));
+    seqs.push_back(sqlite3_last_insert_rowid(db));
   }
 
   {

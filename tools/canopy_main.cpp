@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
   run->add_option("--log-level", opts.log.level, "trace|debug|info|warn|error|critical|off")->capture_default_str();
   run->add_flag("--log-json", opts.log.json, "Log one JSON object per line");
   run->add_option("--module-path", opts.module_path, "Directories searched for relative module libraries");
-  run->add_option("--threads", opts.worker_threads, "Actor worker threads (0 = default)");
+  run->add_option("--threads", opts.worker_threads, "Actor worker threads (0 = one per core, at least 2)");
   double store_limit_mb = 0;
   run->add_option("--store-limit-mb", store_limit_mb,
                   "Size limit of the message store in MiB (0 = none): at the limit new messages "
