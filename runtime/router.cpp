@@ -5,18 +5,16 @@
 #include "runtime/atoms.hpp"
 #include "runtime/clock.hpp"
 #include "runtime/message_store.hpp"
+#include "runtime/writer_thread.hpp"
 
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <condition_variable>
 #include <deque>
 #include <limits>
 #include <map>
-#include <mutex>
 #include <optional>
-#include <thread>
 #include <unordered_map>
 
 namespace canopy {
@@ -175,67 +173,6 @@ struct commit_job {
   std::optional<expected<append_result>> result;  ///< set by the writer
 };
 
-/// The thread that runs message_store::append for the router, so that routing
-/// goes on while a commit is written (group-commit pipelining). The router
-/// touches the store only while the writer is idle (it waits for it first).
-class commit_writer {
- public:
-  commit_writer(std::shared_ptr<message_store> store, std::function<void()> on_done)
-    : store_(std::move(store)), on_done_(std::move(on_done)), thread_([this] { run(); }) {}
-  ~commit_writer() {
-    {
-      std::lock_guard<std::mutex> guard{mtx_};
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-  commit_writer(const commit_writer&) = delete;
-  commit_writer& operator=(const commit_writer&) = delete;
-
-  /// Starts appending `job` (which must outlive the append); the writer must be idle.
-  void start(commit_job* job) {
-    {
-      std::lock_guard<std::mutex> guard{mtx_};
-      job_ = job;
-    }
-    cv_.notify_all();
-  }
-
-  /// Waits until no append runs.
-  void wait() {
-    std::unique_lock<std::mutex> lock{mtx_};
-    cv_.wait(lock, [this] { return job_ == nullptr; });
-  }
-
- private:
-  void run() {
-    std::unique_lock<std::mutex> lock{mtx_};
-    for (;;) {
-      cv_.wait(lock, [this] { return stop_ || job_ != nullptr; });
-      if (job_ == nullptr)
-        return;  // stopping, idle
-      commit_job* job = job_;
-      lock.unlock();
-      job->result.emplace(store_->append(job->entries));
-      lock.lock();
-      job_ = nullptr;
-      cv_.notify_all();
-      lock.unlock();
-      on_done_();
-      lock.lock();
-    }
-  }
-
-  std::shared_ptr<message_store> store_;
-  std::function<void()> on_done_;
-  std::mutex mtx_;
-  std::condition_variable cv_;
-  commit_job* job_ = nullptr;
-  bool stop_ = false;
-  std::thread thread_;  // last: starts after the members it uses
-};
-
 struct router_state {
   router_config cfg;
   route_table routes = std::make_shared<const std::vector<table_route>>();
@@ -259,7 +196,10 @@ struct router_state {
   std::uint64_t store_errors_logged = 0;
   std::unique_ptr<commit_job> inflight;    ///< the commit the writer runs (or failed and will retry)
   // Last member: destroyed first, joining the writer before what it uses goes.
-  std::unique_ptr<commit_writer> writer;
+  /// Runs message_store::append, so that routing goes on while a commit is
+  /// written (group-commit pipelining); the router touches the store only
+  /// while it is idle (it waits for it first).
+  std::unique_ptr<writer_thread> writer;
   static inline const char* name = "canopy.router";
 };
 
@@ -599,6 +539,11 @@ void after_commit(router_actor* self) {
     pump(self, *r);
 }
 
+/// Starts writing `job` (which outlives the append) on the writer thread.
+void start_append(router_state& st, commit_job& job) {
+  st.writer->start([&job, store = st.cfg.store.get()] { job.result.emplace(store->append(job.entries)); });
+}
+
 /// Completes the commit in flight: waits for the writer, gives the committed
 /// window entries their seqs (entries acknowledged meanwhile move the
 /// checkpoint), answers its waiting senders, then after_commit(). False if the
@@ -608,7 +553,7 @@ bool finish_commit(router_actor* self) {
   auto& job = *st.inflight;
   st.writer->wait();
   if (!job.result) {  // a retry
-    st.writer->start(&job);
+    start_append(st, job);
     st.writer->wait();
   }
   auto r = std::move(*job.result);
@@ -820,7 +765,7 @@ void flush(router_actor* self, bool all = true) {
   for (const auto& t : job->written)
     job->next_seq.emplace(t.l, st.cfg.store->last_seq(t.l->endpoint, t.l->priority));
   st.inflight = std::move(job);
-  st.writer->start(st.inflight.get());
+  start_append(st, *st.inflight);
 }
 
 void schedule_flush(router_actor* self, bool soon) {
@@ -1069,7 +1014,7 @@ caf::behavior router_impl(router_actor* self, router_config cfg) {
     st.routes = st.cfg.initial_routes;
   {
     auto weak = caf::actor_cast<caf::weak_actor_ptr>(self->ctrl());
-    st.writer = std::make_unique<commit_writer>(st.cfg.store, [weak] {
+    st.writer = std::make_unique<writer_thread>([weak] {
       if (auto a = caf::actor_cast<caf::actor>(weak.lock()))
         caf::anon_send(a, atoms::committed::value);
     });
