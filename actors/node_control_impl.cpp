@@ -14,11 +14,14 @@ namespace canopy {
 
 namespace {
 
-/// One `send` on its way to the router.
+/// What `done` of a send_job gets: each message's answer, in order.
+using batch_reply = std::function<void(std::vector<expected<std::uint64_t>>)>;
+
+/// One `send` or `send_batch` on its way to the router.
 struct send_job {
   caf::actor router;
-  routed_message rm;
-  reply_fn<std::uint64_t> done;
+  std::vector<routed_message> rms;
+  batch_reply done;
 };
 
 /// The forwarding actor's sends waiting for its next flush.
@@ -137,18 +140,29 @@ node_control_impl::node_control_impl(caf::actor_system& sys, std::function<caf::
           while (begin < jobs->size()) {
             std::size_t end = begin;
             std::vector<routed_message> batch;
-            while (end < jobs->size() && (*jobs)[end].router == (*jobs)[begin].router)
-              batch.push_back(std::move((*jobs)[end++].rm));
+            while (end < jobs->size() && (*jobs)[end].router == (*jobs)[begin].router) {
+              auto& rms = (*jobs)[end++].rms;  // moved from, its size stays (the answers count it)
+              batch.insert(batch.end(), std::make_move_iterator(rms.begin()), std::make_move_iterator(rms.end()));
+            }
             self->request((*jobs)[begin].router, caf::duration{control_timeout}, atoms::inject::value,
                           std::move(batch))
               .then(
                 [jobs, begin, end](std::vector<std::uint64_t>& targets) {
-                  for (std::size_t i = begin; i < end; ++i)
-                    (*jobs)[i].done(i - begin < targets.size() ? targets[i - begin] : 0);
+                  std::size_t k = 0;  // position in the router's answer
+                  for (std::size_t i = begin; i < end; ++i) {
+                    auto& job = (*jobs)[i];
+                    std::vector<expected<std::uint64_t>> answers;
+                    answers.reserve(job.rms.size());
+                    for (std::size_t n = 0; n < job.rms.size(); ++n, ++k)
+                      answers.emplace_back(k < targets.size() ? targets[k] : std::uint64_t{0});
+                    job.done(std::move(answers));
+                  }
                 },
                 [jobs, begin, end](caf::error& err) {
-                  for (std::size_t i = begin; i < end; ++i)
-                    (*jobs)[i].done(from_router(err));
+                  for (std::size_t i = begin; i < end; ++i) {
+                    auto& job = (*jobs)[i];
+                    job.done(std::vector<expected<std::uint64_t>>(job.rms.size(), from_router(err)));
+                  }
                 });
             begin = end;
           }
@@ -311,11 +325,28 @@ void node_control_impl::send(std::string device, std::string module, std::string
     fail_later(sys_, std::move(done), router_missing());
     return;
   }
+  std::vector<routed_message> one;
+  one.push_back(routed_message{std::move(msg), std::move(device), std::move(module), std::move(output)});
   // Not ask(): in order, and a refusal of the router is classified by from_router().
-  caf::anon_send(sender_, send_job{std::move(router),
-                                   routed_message{std::move(msg), std::move(device), std::move(module),
-                                                  std::move(output)},
-                                   std::move(done)});
+  caf::anon_send(sender_, send_job{std::move(router), std::move(one),
+                                   [done = std::move(done)](std::vector<expected<std::uint64_t>> r) {
+                                     done(std::move(r.front()));
+                                   }});
+}
+
+void node_control_impl::send_batch(std::vector<send_item> items, batch_reply done) {
+  auto router = router_();
+  if (!router) {
+    sys_.spawn([n = items.size(), done = std::move(done)](int) mutable {
+      done(std::vector<expected<std::uint64_t>>(n, router_missing()));
+    }, 0);
+    return;
+  }
+  std::vector<routed_message> rms;
+  rms.reserve(items.size());
+  for (auto& it : items)
+    rms.push_back(routed_message{std::move(it.msg), std::move(it.device), std::move(it.module), std::move(it.output)});
+  caf::anon_send(sender_, send_job{std::move(router), std::move(rms), std::move(done)});
 }
 
 }  // namespace canopy

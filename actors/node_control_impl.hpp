@@ -45,6 +45,8 @@ class node_control_impl final : public node_control {
   void metrics(reply_fn<node_metrics> done) override;
   void send(std::string device, std::string module, std::string output, message msg,
             reply_fn<std::uint64_t> done) override;
+  void send_batch(std::vector<send_item> items,
+                  std::function<void(std::vector<expected<std::uint64_t>>)> done) override;
 
   /// Adds what the router does not know to every metrics answer (the links).
   /// `fill` runs on arbitrary threads. Set before the control socket serves.

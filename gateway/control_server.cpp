@@ -14,10 +14,12 @@
 #include <kj/debug.h>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <string_view>
 #include <system_error>
 
@@ -316,34 +318,77 @@ class control_service final : public schema::Control::Server {
                                                       " items; at most " + std::to_string(max_items)));
       return kj::READY_NOW;
     }
-    auto answers = kj::heapArrayBuilder<kj::Promise<expected<std::uint64_t>>>(items.size());
-    for (auto item : items)
-      answers.add(send_one(item.getDevice(), item.getModule(), item.getOutput(), item.getMessage()));
-    return kj::joinPromises(answers.finish()).then([context](kj::Array<expected<std::uint64_t>> all) mutable {
-      auto results = context.getResults().initResults(static_cast<unsigned>(all.size()));
-      for (unsigned i = 0; i < all.size(); ++i)
-        if (set_status(results[i].initStatus(), all[i]))
-          results[i].setTargets(*all[i]);
+    // Checked here; what passes goes to the node as one batch (one answer
+    // crosses back to this thread for all of it).
+    std::vector<expected<std::uint64_t>> checked;
+    std::vector<send_item> batch;
+    checked.reserve(items.size());
+    batch.reserve(items.size());
+    for (auto item : items) {
+      auto one = check_one(item.getDevice(), item.getModule(), item.getMessage());
+      if (!one) {
+        checked.push_back(std::move(one).err());
+        continue;
+      }
+      checked.push_back(std::uint64_t{0});
+      batch.push_back(send_item{std::move(one->device), std::move(one->module), std::string{item.getOutput()},
+                                std::move(one->msg)});
+    }
+    auto bridge = make_bridge<std::vector<expected<std::uint64_t>>>("sendBatch");
+    node_.send_batch(std::move(batch), [cb = std::move(bridge.callback)](std::vector<expected<std::uint64_t>> r) {
+      cb(std::move(r));
+    });
+    return bridge.promise.then([context, checked = std::move(checked)](
+                                 expected<std::vector<expected<std::uint64_t>>> answered) mutable {
+      auto results = context.getResults().initResults(static_cast<unsigned>(checked.size()));
+      std::size_t next = 0;  // the next answer of the node
+      for (unsigned i = 0; i < checked.size(); ++i) {
+        expected<std::uint64_t> r = std::move(checked[i]);
+        if (r) {
+          if (!answered)
+            r = answered.err();
+          else if (next < answered->size())
+            r = std::move((*answered)[next++]);
+          else
+            r = make_error(errc::failed, "sendBatch: the node answered fewer items");
+        }
+        if (set_status(results[i].initStatus(), r))
+          results[i].setTargets(*r);
+      }
     });
   }
 
  private:
-  /// One message of send / sendBatch: checked, handed to the node, answered
-  /// once durable.
-  kj::Promise<expected<std::uint64_t>> send_one(capnp::Text::Reader device_text, capnp::Text::Reader module_text,
-                                                capnp::Text::Reader output, capnp::Data::Reader bytes) {
+  /// A message of send / sendBatch as the client gave it: it names a sender
+  /// and decodes.
+  struct checked_send {
+    std::string device;
+    std::string module;
+    message msg;
+  };
+  static expected<checked_send> check_one(capnp::Text::Reader device_text, capnp::Text::Reader module_text,
+                                          capnp::Data::Reader bytes) {
     std::string device = device_text;
     std::string module = module_text;
     if (device.empty() && module.empty())
-      return expected<std::uint64_t>(make_error(errc::invalid_argument, "send: no sender: give a device or a module"));
+      return make_error(errc::invalid_argument, "send: no sender: give a device or a module");
     auto msg = message::decode(std::string_view(reinterpret_cast<const char*>(bytes.begin()), bytes.size()));
     if (!msg) {
-      return expected<std::uint64_t>(make_error(
-        errc::invalid_argument, "send: message: " + std::to_string(bytes.size()) +
-                                  " bytes that do not decode as a canopy message (expected canopy::message::encoded())"));
+      return make_error(errc::invalid_argument,
+                        "send: message: " + std::to_string(bytes.size()) +
+                          " bytes that do not decode as a canopy message (expected canopy::message::encoded())");
     }
+    return checked_send{std::move(device), std::move(module), std::move(*msg)};
+  }
+
+  /// One message of send: checked, handed to the node, answered once durable.
+  kj::Promise<expected<std::uint64_t>> send_one(capnp::Text::Reader device_text, capnp::Text::Reader module_text,
+                                                capnp::Text::Reader output, capnp::Data::Reader bytes) {
+    auto one = check_one(device_text, module_text, bytes);
+    if (!one)
+      return expected<std::uint64_t>(std::move(one).err());
     auto bridge = make_bridge<std::uint64_t>("send");
-    node_.send(std::move(device), std::move(module), std::string{output}, std::move(*msg),
+    node_.send(std::move(one->device), std::move(one->module), std::string{output}, std::move(one->msg),
                std::move(bridge.callback));
     return kj::mv(bridge.promise);
   }
@@ -352,6 +397,36 @@ class control_service final : public schema::Control::Server {
   control_limits limits_;
   std::shared_ptr<task_counter> tracker_;
 };
+
+}  // namespace
+
+void node_control::send_batch(std::vector<send_item> items,
+                              std::function<void(std::vector<expected<std::uint64_t>>)> done) {
+  struct join {
+    std::vector<expected<std::uint64_t>> results;
+    std::atomic<std::size_t> remaining;
+    std::function<void(std::vector<expected<std::uint64_t>>)> done;
+  };
+  if (items.empty()) {
+    done({});
+    return;
+  }
+  auto j = std::make_shared<join>();
+  j->results.assign(items.size(), expected<std::uint64_t>(std::uint64_t{0}));
+  j->remaining = items.size();
+  j->done = std::move(done);
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    auto& it = items[i];
+    send(std::move(it.device), std::move(it.module), std::move(it.output), std::move(it.msg),
+         [j, i](expected<std::uint64_t> r) {
+           j->results[i] = std::move(r);
+           if (j->remaining.fetch_sub(1, std::memory_order_acq_rel) == 1)
+             j->done(std::move(j->results));
+         });
+  }
+}
+
+namespace {
 
 // --- The socket ------------------------------------------------------------------
 

@@ -60,6 +60,14 @@ struct upstream_record {
 template <class T>
 using reply_fn = std::function<void(expected<T>)>;
 
+/// One message of node_control::send_batch: as the arguments of send().
+struct send_item {
+  std::string device;
+  std::string module;
+  std::string output;
+  message msg;
+};
+
 class node_control {
  public:
   using subscription_id = std::uint64_t;
@@ -107,6 +115,12 @@ class node_control {
   /// route); errc::unavailable "store full: ..." if the store refused it.
   virtual void send(std::string device, std::string module, std::string output, message msg,
                     reply_fn<std::uint64_t> done) = 0;
+
+  /// send() for each item, in order, answered once for all: `done` gets each
+  /// item's answer, in order, once the last is known. This one calls send()
+  /// per item; a node overrides it to hand the router one batch.
+  virtual void send_batch(std::vector<send_item> items,
+                          std::function<void(std::vector<expected<std::uint64_t>>)> done);
 
   /// Ends a subscription; no callback of it runs after this returns.
   virtual void unsubscribe(subscription_id id) = 0;

@@ -177,6 +177,22 @@ TEST_CASE("a full message store refuses messages with a clear error, and metrics
   }
   INFO(refusal);
   CHECK_THAT(refusal, Catch::Contains("store full"));
+  // A batch (`send --stdin`: one sendBatch call): every line is answered, the
+  // refused ones with the reason.
+  const std::string lines = node.dir().file("big.txt");
+  {
+    std::ofstream out{lines};
+    for (int i = 0; i < 8; ++i)
+      out << body << "\n";
+  }
+  child_process batch{{node.paths().canopyctl, "--socket", node.socket(), "send", "--device", "d", "--stdin"},
+                      {},
+                      lines};
+  REQUIRE(batch.wait_for(30s).has_value());
+  const auto answered = batch.output();
+  INFO(answered);
+  for (int i = 1; i <= 8; ++i)
+    CHECK_THAT(answered, Catch::Contains(std::to_string(i) + " error store full"));
   auto mj = metrics(node);
   CHECK(mj.value("dropped_store_full", 0) >= 1);
   CHECK(mj.value("store_limit_bytes", 0) == 1024 * 1024);
