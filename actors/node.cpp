@@ -493,6 +493,7 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
     // IoT Edge's default route `FROM /messages/* INTO $upstream`).
     rc.initial_routes = np->default_routes;
     rc.clk = &np->clk;
+    rc.upstream_hold = np->opts.upstream_hold;
     auto a = spawn_router(sys, rc);
     hp->set(&node_handles::router, a);
     return a;

@@ -17,6 +17,7 @@
 
 #include <memory>
 #include <string>
+#include <chrono>
 #include <vector>
 
 namespace canopy {
@@ -32,6 +33,11 @@ struct node_options {
   /// Size limit of the message store (data_dir/messages.db) in bytes; 0 = none.
   /// At the limit the node refuses new messages ("store full") and counts them.
   std::int64_t max_store_bytes = 0;
+  /// How long a message bound only for $upstream, whose sender waits, may
+  /// wait in memory for the parent's (or the telemetry store's)
+  /// acknowledgement before this node writes it itself (router_config::
+  /// upstream_hold); 0 = write every such message at this hop too.
+  std::chrono::milliseconds upstream_hold{20};
 
   // --- The tree (issue 4) ---
   /// "edge" (a device or gateway) or "hub" (the root: owns the fleet registry,

@@ -29,6 +29,8 @@
 // (parallel `canopyctl send` processes, each its own leaf device),
 // --mqtt-inflight=N (the brokers' max_inflight_messages), --rounds=N,
 // --node-threads=N (each canopy node's --threads; 0 = its default),
+// --upstream-hold-ms=N (each canopy node's --upstream-hold-ms; default: the
+// node's, 20 — 0 makes every hop write every message before it answers),
 // --split=0|1. The programs: $CANOPY_BIN / $CANOPYCTL_BIN, else the build's;
 // mosquitto: /usr/sbin/mosquitto (Debian's `mosquitto`).
 #include "bench/bench_common.hpp"
@@ -120,9 +122,10 @@ struct canopy_process {
 /// hub ← gw-a ← gw-b, certificates, registry: everything but the load.
 class canopy_chain {
  public:
-  /// `threads`: each node's --threads (0: the node's default).
-  canopy_chain(programs progs, long devices, long threads)
-      : progs_(std::move(progs)), threads_(threads), dir_("cnbc") {
+  /// `threads`: each node's --threads (0: the node's default); `hold_ms`:
+  /// each node's --upstream-hold-ms (< 0: the node's default).
+  canopy_chain(programs progs, long devices, long threads, long hold_ms)
+      : progs_(std::move(progs)), threads_(threads), hold_ms_(hold_ms), dir_("cnbc") {
     certs_ = dir_.file("certs");
     ctl_ok({progs_.canopyctl, "certs", "ca", "--out", certs_});
     for (auto id : {"hub", "gw-a", "gw-b"})
@@ -230,12 +233,17 @@ class canopy_chain {
       argv.push_back("--threads");
       argv.push_back(std::to_string(threads_));
     }
+    if (hold_ms_ >= 0) {
+      argv.push_back("--upstream-hold-ms");
+      argv.push_back(std::to_string(hold_ms_));
+    }
     argv.insert(argv.end(), extra.begin(), extra.end());
     n.proc.emplace(argv);
   }
 
   programs progs_;
   long threads_ = 0;
+  long hold_ms_ = -1;
   test::temp_dir dir_;
   std::string certs_;
   int gwa_link_ = 0;
@@ -759,6 +767,7 @@ int run(int argc, char** argv) {
   const long mqtt_inflight = bench::arg(argc, argv, "mqtt-inflight", 100);
   const long rounds = bench::arg(argc, argv, "rounds", 2);
   const long node_threads = bench::arg(argc, argv, "node-threads", 0);
+  const long hold_ms = bench::arg(argc, argv, "upstream-hold-ms", -1);
   const bool with_split = bench::arg(argc, argv, "split", 1) != 0;
   if (messages < senders || senders < 1 || window < 1 || rounds < 1 || mqtt_inflight < 0 ||
       node_threads < 0)
@@ -780,10 +789,11 @@ int run(int argc, char** argv) {
               load_average());
   mosquitto_library lib;
   mosquitto_chain mq(mqtt_inflight);
-  canopy_chain chain(progs, senders, node_threads);
+  canopy_chain chain(progs, senders, node_threads, hold_ms);
   std::printf(
-    "mosquitto: A <- B <- C bridged (QoS 1); canopy: hub <- gw-a <- gw-b linked (TLS)%s\n",
-    node_threads > 0 ? (", --threads " + std::to_string(node_threads)).c_str() : "");
+    "mosquitto: A <- B <- C bridged (QoS 1); canopy: hub <- gw-a <- gw-b linked (TLS)%s%s\n",
+    node_threads > 0 ? (", --threads " + std::to_string(node_threads)).c_str() : "",
+    hold_ms >= 0 ? (", --upstream-hold-ms " + std::to_string(hold_ms)).c_str() : "");
   mqtt_client sub("bench-sub", mq.port_a, mqtt_inflight);
   sub.subscribe("telemetry/#");
   mqtt_client pub("bench-pub", mq.port_c, window);

@@ -38,6 +38,11 @@ int main(int argc, char** argv) {
                   "Size limit of the message store in MiB (0 = none): at the limit new messages "
                   "are refused with \"store full\" instead of filling the disk")
     ->check(CLI::NonNegativeNumber);
+  unsigned upstream_hold_ms = 20;
+  run->add_option("--upstream-hold-ms", upstream_hold_ms,
+                  "How long a message bound only for $upstream whose sender waits may wait for the "
+                  "parent's acknowledgement before this node writes it itself (0 = write at every hop)")
+    ->capture_default_str();
   run->add_option("--role", opts.role, "edge | hub (the root of the tree)")
     ->check(CLI::IsMember({"edge", "hub"}))->capture_default_str();
   run->add_option("--certs", opts.certs_dir,
@@ -66,6 +71,7 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
   opts.max_store_bytes = static_cast<std::int64_t>(store_limit_mb * 1024 * 1024);
+  opts.upstream_hold = std::chrono::milliseconds{upstream_hold_ms};
 
   if (app.got_subcommand("version")) {
     std::printf("canopy %s (module ABI %u)\n", canopy::sdk_version, canopy::module_abi_version);
