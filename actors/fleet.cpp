@@ -952,6 +952,7 @@ void fleet_bridge::deployment_create(deployment_record rec, reply_fn<deployment_
         mo.resolve_library = [](std::string_view lib, const std::string& dir) {
           return resolve_library_path(lib, dir);
         };
+        mo.check_process_files = false;  // a process module's executable is on the device
         if (auto dep = parse_manifest(rec.manifest_json, mo); !dep)
           return make_error(dep.err().code, "content: " + dep.err().message);
         return reg.create_deployment(rec);

@@ -2,6 +2,7 @@
 
 #include "actors/fleet.hpp"
 #include "actors/module_host.hpp"
+#include "actors/process_host.hpp"
 #include "actors/parent_link.hpp"
 #include "actors/node_control_impl.hpp"
 #include "actors/plugin_loader.hpp"
@@ -542,6 +543,12 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
       initial_dep->reset();
     }
     ac.make_child = [hp, np, memory](const module_spec& m, caf::actor agent) -> expected<child_spec> {
+      // A process module gets its connection variables at every (re)start.
+      if (m.type == "process")
+        return process_child_spec(m, np->logs->module_logger(m.name), &np->clk, [np](const std::string& module) {
+          return std::map<std::string, std::string>{{"CANOPY_DEVICE_ID", np->opts.device_id},
+                                                    {"CANOPY_MODULE_ID", module}};
+        });
       auto type = np->loader->load(m.library, m.library_path);
       if (!type)
         return std::move(type).err();

@@ -30,7 +30,8 @@ bool module_spec::needs_restart_for(const module_spec& o) const {
   return name != o.name || type != o.type || library != o.library
          || library_path != o.library_path || settings != o.settings || env != o.env
          || status != o.status || restart != o.restart || startup_order != o.startup_order
-         || version != o.version || !(limits == o.limits) || !(health == o.health);
+         || version != o.version || !(limits == o.limits) || !(health == o.health)
+         || !(process == o.process);
 }
 
 const module_spec* deployment::find(std::string_view module_name) const {

@@ -42,12 +42,26 @@ struct health_settings {
   bool operator==(const health_settings&) const = default;
 };
 
+/// How a process module ("type": "process") runs, from its "settings".
+struct process_settings {
+  std::string executable;       ///< as written in settings.executable
+  std::string executable_path;  ///< resolved absolute path
+  std::vector<std::string> args;  ///< settings.args: argv[1..]
+  /// settings.workingDir resolved against the manifest's directory; that
+  /// directory if not given ("" = the node's working directory).
+  std::string working_dir;
+  /// settings.stopGraceSecs: SIGTERM, then SIGKILL after this long.
+  std::chrono::milliseconds stop_grace{std::chrono::seconds{10}};
+  bool operator==(const process_settings&) const = default;
+};
+
 /// One module of a deployment.
 struct module_spec {
   std::string name;
-  std::string type = "actor";           ///< "actor" (process modules come with the MQTT head)
-  std::string library;                  ///< as written: "builtin:NAME" or a path
-  std::string library_path;             ///< resolved absolute path; empty for builtins
+  std::string type = "actor";           ///< "actor" or "process"
+  std::string library;                  ///< actors: as written: "builtin:NAME" or a path
+  std::string library_path;             ///< actors: resolved absolute path; empty for builtins
+  process_settings process;             ///< processes: what to run (empty for actors)
   nlohmann::json settings = nlohmann::json::object();  ///< passed to module::start
   std::map<std::string, std::string> env;
   desired_status status = desired_status::running;

@@ -4,7 +4,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -217,6 +224,9 @@ class validator {
   void parse_restart(const json& r, const std::string& path, restart_settings& s);
   module_spec parse_module(const std::string& name, const json& spec, const std::string& path,
                            const restart_settings& node_limits);
+  void parse_process(const json& set, const std::string& path, process_settings& p);
+  std::optional<std::string> resolve_process_path(const json& j, const std::string& path,
+                                                  bool directory);
   void parse_hub(const json& d, const std::string& path, deployment& out);
 
   const manifest_options& opts_;
@@ -397,7 +407,7 @@ module_spec validator::parse_module(const std::string& name, const json& spec,
     if (auto s = get_string(*j, key_path("version")))
       m.version = *s;
   if (const json* j = member(spec, "type"))
-    if (auto s = get_enum(*j, key_path("type"), {"actor"}))
+    if (auto s = get_enum(*j, key_path("type"), {"actor", "process"}))
       m.type = *s;
   if (const json* j = member(spec, "status"))
     if (auto s = get_enum(*j, key_path("status"), {"running", "stopped"}))
@@ -411,7 +421,11 @@ module_spec validator::parse_module(const std::string& name, const json& spec,
       m.startup_order = static_cast<std::uint32_t>(*v);
 
   std::string set_path = key_path("settings");
-  if (const json* set = require(spec, path, "settings"); set && expect_object(*set, set_path)) {
+  const json* set = require(spec, path, "settings");
+  if (set && expect_object(*set, set_path) && m.type == "process") {
+    m.settings = *set;
+    parse_process(*set, set_path, m.process);
+  } else if (set && set->is_object()) {
     m.settings = *set;
     std::string lib_path = json_path_key(set_path, "library");
     if (!member(*set, "library"))
@@ -444,9 +458,14 @@ module_spec validator::parse_module(const std::string& name, const json& spec,
       if (!expect_object(val, var_path))
         continue;
       check_keys(val, var_path, {"value"});
+      std::string value_path = json_path_key(var_path, "value");
       if (const json* v = require(val, var_path, "value"))
-        if (auto s = get_string(*v, json_path_key(var_path, "value")))
+        if (auto s = get_string(*v, value_path)) {
+          // A process's environment is C strings: a NUL would cut the value.
+          if (m.type == "process" && s->find('\0') != std::string::npos)
+            fail(value_path, "must not contain a NUL character (it is a process's environment)");
           m.env[var] = *s;
+        }
     }
   }
 
@@ -464,6 +483,96 @@ module_spec validator::parse_module(const std::string& name, const json& spec,
         m.health.deadline = std::chrono::seconds{*v};
   }
   return m;
+}
+
+// A process module's "executable" or "workingDir": resolved against the
+// manifest's directory and, when opts_.check_process_files, checked on disk.
+std::optional<std::string> validator::resolve_process_path(const json& j, const std::string& path,
+                                                           bool directory) {
+  auto s = get_string(j, path);
+  if (!s)
+    return std::nullopt;
+  if (s->empty()) {
+    fail(path, "must not be empty");
+    return std::nullopt;
+  }
+  if (s->find('\0') != std::string::npos) {
+    fail(path, "must not contain a NUL character");
+    return std::nullopt;
+  }
+  namespace fs = std::filesystem;
+  fs::path p{*s};
+  if (p.is_relative()) {
+    std::error_code ec;
+    fs::path base = opts_.base_dir.empty() ? fs::current_path(ec) : fs::path(opts_.base_dir);
+    p = base / p;
+  }
+  std::string full = p.lexically_normal().string();
+  if (!opts_.check_process_files)
+    return full;
+  struct stat st {};
+  if (::stat(full.c_str(), &st) != 0) {
+    fail(path, quote(full) + ": " + std::strerror(errno));
+    return std::nullopt;
+  }
+  if (directory) {
+    if (!S_ISDIR(st.st_mode)) {
+      fail(path, quote(full) + " is not a directory");
+      return std::nullopt;
+    }
+    return full;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    fail(path, quote(full) + " is not a regular file");
+    return std::nullopt;
+  }
+  if (::faccessat(AT_FDCWD, full.c_str(), X_OK, AT_EACCESS) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    fail(path, quote(full) + " is not executable (mode " + mode + ")");
+    return std::nullopt;
+  }
+  return full;
+}
+
+void validator::parse_process(const json& set, const std::string& path, process_settings& p) {
+  check_keys(set, path, {"executable", "args", "workingDir", "stopGraceSecs"});
+  if (member(set, "library"))
+    fail(json_path_key(path, "library"),
+         "a process module has no library (it runs settings.executable)");
+  if (const json* exe = require(set, path, "executable")) {
+    std::string exe_path = json_path_key(path, "executable");
+    if (exe->is_string())
+      p.executable = exe->get<std::string>();
+    if (auto r = resolve_process_path(*exe, exe_path, false))
+      p.executable_path = std::move(*r);
+  }
+  std::string args_path = json_path_key(path, "args");
+  if (const json* args = member(set, "args")) {
+    if (!args->is_array()) {
+      fail(args_path, std::string("expected an array of strings, found ") + type_name(*args));
+    } else {
+      for (std::size_t i = 0; i < args->size(); ++i) {
+        std::string arg_path = args_path + "[" + std::to_string(i) + "]";
+        auto a = get_string((*args)[i], arg_path);
+        if (!a)
+          continue;
+        if (a->find('\0') != std::string::npos)
+          fail(arg_path, "must not contain a NUL character");
+        else
+          p.args.push_back(std::move(*a));
+      }
+    }
+  }
+  if (const json* wd = member(set, "workingDir")) {
+    if (auto r = resolve_process_path(*wd, json_path_key(path, "workingDir"), true))
+      p.working_dir = std::move(*r);
+  } else if (!opts_.base_dir.empty()) {
+    p.working_dir = std::filesystem::path(opts_.base_dir).lexically_normal().string();
+  }
+  if (const json* j = member(set, "stopGraceSecs"))
+    if (auto v = get_uint(*j, json_path_key(path, "stopGraceSecs"), 0, 3600))
+      p.stop_grace = std::chrono::seconds{*v};
 }
 
 void validator::parse_hub(const json& d, const std::string& path, deployment& out) {

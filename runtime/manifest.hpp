@@ -11,6 +11,9 @@
 //         "restartPolicy": "never" | "on-failure" | "on-unhealthy" | "always",
 //         "startupOrder": 0..4294967295,
 //         "settings": {"library": "builtin:NAME" | "path/libx.so", ...passed to the module},
+//                                                           "type": "actor" (the default)
+//         "settings": {"executable": "path", "args": ["..."], "workingDir": "path",
+//                      "stopGraceSecs": 10},                 "type": "process" (no library)
 //         "env": {"VAR": {"value": "..."}},
 //         "restart": {"maxRestarts": 5, "withinSecs": 300, "backoffBaseMs": 1000,
 //                     "backoffCapSecs": 60, "stablePeriodSecs": 600, "jitter": 0.2},
@@ -23,8 +26,10 @@
 //     "MODULENAME": {"properties.desired": {...that module's desired properties}}}}
 //
 // Only "modulesContent", "$edgeAgent", its "schemaVersion" and "modules", each
-// module's "settings" with its "library", and each object route's "route" are
-// required. Unknown keys are ignored, except those that look like a misspelt
+// module's "settings" with its "library" (actors) or "executable" (processes),
+// and each object route's "route" are required. A process module's
+// "executable" and "workingDir" are relative to base_dir like libraries; its
+// "workingDir" defaults to base_dir. Unknown keys are ignored, except those that look like a misspelt
 // known key ("restartpolicy", "libary"), which are errors.
 //
 // Errors: every problem found, one per line, each "PATH: problem", e.g.
@@ -62,6 +67,10 @@ struct manifest_options {
   /// Checks and resolves each module library. If empty, any library is accepted
   /// and resolved with resolve_library_path() (no file-system checks).
   library_resolver resolve_library;
+  /// If true, a process module's executable must be an executable regular
+  /// file and its workingDir a directory, now, on this machine. The hub sets
+  /// false: it checks manifests that run on other machines.
+  bool check_process_files = true;
 };
 
 /// Largest manifest parse_manifest() accepts, in bytes.

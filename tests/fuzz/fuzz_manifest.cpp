@@ -46,7 +46,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   for (std::size_t i = 0; i < d->modules.size(); ++i) {
     const auto& m = d->modules[i];
     check(canopy::is_valid_module_name(m.name), "module names are valid", m.name);
-    check(!m.library.empty(), "every module has a library", m.name);
+    check(m.type == "process" ? !m.process.executable_path.empty() : !m.library.empty(),
+          "every actor module has a library, every process module an executable", m.name);
     check(m.limits.backoff_base <= m.limits.backoff_cap, "backoff base <= cap", m.name);
     if (i > 0) {
       const auto& p = d->modules[i - 1];

@@ -1,5 +1,7 @@
 #include "runtime/manifest.hpp"
 
+#include "temp_dir.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <nlohmann/json.hpp>
@@ -494,5 +496,117 @@ TEST_CASE("manifest: never throws on odd input", "[manifest]") {
     INFO(text);
     auto d = parse_manifest(text, {});
     CHECK_FALSE(d);
+  }
+}
+
+namespace {
+
+// A manifest with one process module `proc` whose settings are `settings`.
+std::string process_manifest(const json& settings, const json& extra = json::object()) {
+  json m = json::parse(R"json({"modulesContent": {"$edgeAgent": {"properties.desired": {
+    "schemaVersion": "1.1", "modules": {}}}}})json");
+  json mod = {{"type", "process"}, {"settings", settings}};
+  mod.update(extra);
+  m["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["proc"] = mod;
+  return m.dump();
+}
+
+std::string process_errors(const json& settings, const manifest_options& opts,
+                           const json& extra = json::object()) {
+  auto d = parse_manifest(process_manifest(settings, extra), opts);
+  return d ? "(valid)" : d.err().message;
+}
+
+}  // namespace
+
+TEST_CASE("manifest: process modules", "[manifest]") {
+  namespace fs = std::filesystem;
+  canopy::unit_test::temp_dir dir{"canopy-manifest"};
+  auto write = [&](const std::string& name, fs::perms mode) {
+    std::ofstream{dir.path + "/" + name} << "#!/bin/sh\n";
+    fs::permissions(dir.path + "/" + name, mode);
+  };
+  write("run.sh", fs::perms::owner_all);
+  write("plain.txt", fs::perms::owner_read | fs::perms::owner_write);
+  fs::create_directory(dir.path + "/work");
+  auto opts = with_base(dir.path);
+  const std::string set = agent + ".modules.proc.settings";
+
+  SECTION("a valid process module, with defaults and with every setting") {
+    auto d = parse_manifest(process_manifest({{"executable", "run.sh"}}, {{"env", {{"A", {{"value", "1"}}}}}}),
+                            opts);
+    REQUIRE(d);
+    const module_spec& m = d->modules.at(0);
+    CHECK(m.type == "process");
+    CHECK(m.library.empty());
+    CHECK(m.process.executable == "run.sh");
+    CHECK(m.process.executable_path == dir.path + "/run.sh");
+    CHECK(m.process.args.empty());
+    CHECK(m.process.working_dir == dir.path);  // the manifest's directory
+    CHECK(m.process.stop_grace == 10s);
+    CHECK(m.env == std::map<std::string, std::string>{{"A", "1"}});
+
+    auto full = parse_manifest(process_manifest({{"executable", dir.path + "/run.sh"},
+                                                 {"args", {"--port", "1883"}},
+                                                 {"workingDir", "work"},
+                                                 {"stopGraceSecs", 3}}),
+                               opts);
+    REQUIRE(full);
+    const module_spec& f = full->modules.at(0);
+    CHECK(f.process.executable_path == dir.path + "/run.sh");
+    CHECK(f.process.args == std::vector<std::string>{"--port", "1883"});
+    CHECK(f.process.working_dir == dir.path + "/work");
+    CHECK(f.process.stop_grace == 3s);
+    // A change of what runs restarts the module.
+    CHECK(m.needs_restart_for(f));
+    module_spec same = m;
+    CHECK_FALSE(m.needs_restart_for(same));
+    same.process.args = {"x"};
+    CHECK(m.needs_restart_for(same));
+  }
+
+  SECTION("errors name the field") {
+    CHECK(process_errors(json::object(), opts) == set + ".executable: required key is missing");
+    CHECK(process_errors({{"executable", "missing.sh"}}, opts)
+          == set + ".executable: \"" + dir.path + "/missing.sh\": No such file or directory");
+    CHECK(process_errors({{"executable", "plain.txt"}}, opts)
+          == set + ".executable: \"" + dir.path + "/plain.txt\" is not executable (mode 0600)");
+    CHECK(process_errors({{"executable", "work"}}, opts)
+          == set + ".executable: \"" + dir.path + "/work\" is not a regular file");
+    CHECK(process_errors({{"executable", ""}}, opts) == set + ".executable: must not be empty");
+    CHECK(process_errors({{"executable", 5}}, opts) == set + ".executable: expected a string, found an integer");
+    CHECK(process_errors({{"executable", "run.sh"}, {"args", "-v"}}, opts)
+          == set + ".args: expected an array of strings, found a string");
+    CHECK(process_errors({{"executable", "run.sh"}, {"args", {"-v", 2}}}, opts)
+          == set + ".args[1]: expected a string, found an integer");
+    CHECK(process_errors({{"executable", "run.sh"}, {"workingDir", "run.sh"}}, opts)
+          == set + ".workingDir: \"" + dir.path + "/run.sh\" is not a directory");
+    CHECK(process_errors({{"executable", "run.sh"}, {"workingDir", "nowhere"}}, opts)
+          == set + ".workingDir: \"" + dir.path + "/nowhere\": No such file or directory");
+    CHECK(process_errors({{"executable", "run.sh"}, {"stopGraceSecs", 5000}}, opts)
+          == set + ".stopGraceSecs: 5000 is out of range 0..3600");
+    CHECK(process_errors({{"executable", "run.sh"}, {"library", "builtin:x"}}, opts)
+          == set + ".library: a process module has no library (it runs settings.executable)");
+    CHECK(process_errors({{"executable", "run.sh"}, {"executible", "run.sh"}}, opts)
+          == set + ".executible: unknown key; did you mean \"executable\"?");
+    CHECK(process_errors({{"executable", "run.sh"}}, opts, {{"env", {{"A", {{"value", std::string("a\0b", 3)}}}}}})
+          == agent + ".modules.proc.env.A.value: must not contain a NUL character (it is a process's environment)");
+    CHECK(process_errors({{"executable", "run.sh"}}, opts, {{"type", "docker"}})
+            .rfind(agent + ".modules.proc.type: \"docker\" is not one of actor, process\n", 0)
+          == 0);
+  }
+
+  SECTION("an actor module still needs its library") {
+    CHECK(process_errors({{"executable", "run.sh"}}, opts, {{"type", "actor"}})
+          == set + ".library: required key is missing");
+  }
+
+  SECTION("the hub checks no files: paths resolve lexically") {
+    manifest_options hub_opts = with_base("/srv/deploy");
+    hub_opts.check_process_files = false;
+    auto d = parse_manifest(process_manifest({{"executable", "bin/../run.py"}, {"workingDir", "data"}}), hub_opts);
+    REQUIRE(d);
+    CHECK(d->modules.at(0).process.executable_path == "/srv/deploy/run.py");
+    CHECK(d->modules.at(0).process.working_dir == "/srv/deploy/data");
   }
 }
