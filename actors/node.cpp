@@ -501,6 +501,9 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
   };
   child_spec modules_child;
   modules_child.id = "modules";
+  // It stops each module within that module's own time (a process module's
+  // stopGraceSecs + 5 s); the whole node is bounded by --stop-timeout anyway.
+  modules_child.shutdown_timeout = std::chrono::seconds{55};
   modules_child.start = [hp, np](caf::actor_system& sys) {
     supervisor_config mc;
     mc.name = "modules";
