@@ -1,5 +1,7 @@
 #include "gateway/certs.hpp"
 
+#include "gateway/x509_text.hpp"
+
 #include <openssl/asn1.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
@@ -161,22 +163,6 @@ expected<std::string> key_to_pem(EVP_PKEY* key) {
 }
 
 // --- Names and times ---------------------------------------------------------------
-
-/// The first CN of `name` as UTF-8, or "" if it has none.
-std::string name_cn(const X509_NAME* name) {
-  if (name == nullptr)
-    return "";
-  int index = X509_NAME_get_index_by_NID(name, NID_commonName, -1);
-  if (index < 0)
-    return "";
-  const ASN1_STRING* data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, index));
-  unsigned char* utf8 = nullptr;
-  int len = ASN1_STRING_to_UTF8(&utf8, data);
-  if (len < 0)
-    return "";
-  ossl_bytes_ptr owned(utf8);
-  return std::string(reinterpret_cast<const char*>(utf8), static_cast<std::size_t>(len));
-}
 
 std::chrono::system_clock::time_point to_time_point(const ASN1_TIME* t) {
   std::tm tm{};
@@ -342,17 +328,6 @@ expected<void> add_san(X509* cert, const std::vector<std::string>& dns,
     return ossl_error("adding subjectAltName");
   }
   return {};
-}
-
-std::string hex_upper(const unsigned char* data, std::size_t n) {
-  static constexpr char digits[] = "0123456789ABCDEF";
-  std::string out;
-  out.reserve(n * 2);
-  for (std::size_t i = 0; i < n; ++i) {
-    out += digits[data[i] >> 4];
-    out += digits[data[i] & 15];
-  }
-  return out;
 }
 
 std::string describe_errno(int err) {
@@ -581,13 +556,14 @@ expected<key_and_cert> issue(const key_and_cert& ca, const issue_options& o) {
     return std::move(ca_key).err();
   if (X509_check_private_key(ca_cert, ca_key->get()) != 1) {
     ERR_clear_error();
-    return make_error(errc::invalid_argument, "CA key: does not match the CA certificate (CN " +
-                                                name_cn(X509_get_subject_name(ca_cert)) + ")");
+    return make_error(errc::invalid_argument,
+                      "CA key: does not match the CA certificate (CN " +
+                        x509_text::common_name(X509_get_subject_name(ca_cert)) + ")");
   }
   if ((X509_get_extension_flags(ca_cert) & EXFLAG_CA) == 0) {
-    return make_error(errc::invalid_argument, "CA certificate: '" +
-                                                name_cn(X509_get_subject_name(ca_cert)) +
-                                                "' is not a CA (basicConstraints CA:TRUE missing)");
+    return make_error(errc::invalid_argument,
+                      "CA certificate: '" + x509_text::common_name(X509_get_subject_name(ca_cert)) +
+                        "' is not a CA (basicConstraints CA:TRUE missing)");
   }
 
   auto key = new_ec_key();
@@ -683,20 +659,11 @@ expected<std::string> verify_at(const std::string& cert_pem, const std::string& 
     int code = X509_STORE_CTX_get_error(ctx.get());
     int depth = X509_STORE_CTX_get_error_depth(ctx.get());
     X509* bad = X509_STORE_CTX_get_current_cert(ctx.get());
-    std::string msg = X509_verify_cert_error_string(code);
-    if (bad != nullptr && code == X509_V_ERR_CERT_HAS_EXPIRED) {
-      msg += " (notAfter " + format_time(to_time_point(X509_get0_notAfter(bad))) + ")";
-    } else if (bad != nullptr && code == X509_V_ERR_CERT_NOT_YET_VALID) {
-      msg += " (notBefore " + format_time(to_time_point(X509_get0_notBefore(bad))) + ")";
-    }
-    if (bad != nullptr && depth > 0) {
-      msg += " [issuer certificate '" + name_cn(X509_get_subject_name(bad)) + "', depth " +
-             std::to_string(depth) + "]";
-    }
+    std::string msg = x509_text::verify_error(code, depth, bad);
     ERR_clear_error();
     return make_error(errc::invalid_argument, msg);
   }
-  return name_cn(X509_get_subject_name(leaf));
+  return x509_text::common_name(X509_get_subject_name(leaf));
 }
 }  // namespace
 
@@ -704,18 +671,17 @@ expected<std::string> thumbprint_sha256(const std::string& cert_pem) {
   auto cert = parse_cert(cert_pem, "certificate");
   if (!cert)
     return std::move(cert).err();
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  if (X509_digest(cert->get(), EVP_sha256(), md, &len) != 1)
+  auto thumbprint = x509_text::thumbprint_sha256(cert->get());
+  if (thumbprint.empty())
     return ossl_error("hashing the certificate");
-  return hex_upper(md, len);
+  return thumbprint;
 }
 
 expected<std::string> common_name(const std::string& cert_pem) {
   auto cert = parse_cert(cert_pem, "certificate");
   if (!cert)
     return std::move(cert).err();
-  auto cn = name_cn(X509_get_subject_name(cert->get()));
+  auto cn = x509_text::common_name(X509_get_subject_name(cert->get()));
   if (cn.empty())
     return make_error(errc::not_found, "certificate: the subject has no common name (CN)");
   return cn;
@@ -730,8 +696,9 @@ expected<void> check_key_matches(const key_and_cert& kc) {
     return std::move(key).err();
   if (X509_check_private_key(cert->get(), key->get()) != 1) {
     ERR_clear_error();
-    return make_error(errc::invalid_argument, "the key does not belong to the certificate (CN " +
-                                                name_cn(X509_get_subject_name(cert->get())) + ")");
+    return make_error(errc::invalid_argument,
+                      "the key does not belong to the certificate (CN " +
+                        x509_text::common_name(X509_get_subject_name(cert->get())) + ")");
   }
   return {};
 }
@@ -742,8 +709,8 @@ expected<cert_info> inspect(const std::string& cert_pem) {
     return std::move(cert).err();
   X509* c = cert->get();
   cert_info info;
-  info.common_name = name_cn(X509_get_subject_name(c));
-  info.issuer_common_name = name_cn(X509_get_issuer_name(c));
+  info.common_name = x509_text::common_name(X509_get_subject_name(c));
+  info.issuer_common_name = x509_text::common_name(X509_get_issuer_name(c));
   info.not_before = to_time_point(X509_get0_notBefore(c));
   info.not_after = to_time_point(X509_get0_notAfter(c));
   info.is_ca = (X509_get_extension_flags(c) & EXFLAG_CA) != 0;

@@ -1,6 +1,7 @@
 #include "gateway/http_server.hpp"
 
 #include "gateway/io_thread.hpp"
+#include "runtime/ascii.hpp"
 
 #include <kj/compat/http.h>
 #include <kj/compat/tls.h>
@@ -149,16 +150,6 @@ bool prefix_matches(std::string_view prefix, std::string_view path) {
   return path == prefix;
 }
 
-int hex_value(char c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
-}
-
 /// Decodes %XX escapes (and '+' as a space in query parts). `offset` is where
 /// `in` starts in the request target, for the error message.
 expected<std::string> percent_decode(std::string_view in, bool plus_is_space, std::size_t offset) {
@@ -167,8 +158,8 @@ expected<std::string> percent_decode(std::string_view in, bool plus_is_space, st
   for (std::size_t i = 0; i < in.size(); ++i) {
     char c = in[i];
     if (c == '%') {
-      int hi = i + 1 < in.size() ? hex_value(in[i + 1]) : -1;
-      int lo = i + 2 < in.size() ? hex_value(in[i + 2]) : -1;
+      int hi = i + 1 < in.size() ? ascii::hex_value(in[i + 1]) : -1;
+      int lo = i + 2 < in.size() ? ascii::hex_value(in[i + 2]) : -1;
       if (hi < 0 || lo < 0) {
         return make_error(errc::invalid_argument, "request target: bad percent-escape at byte " +
                                                     std::to_string(offset + i) + " (expected %XX)");

@@ -4,6 +4,7 @@
 
 #include "gateway/http_server.hpp"
 #include "gateway/hub_control.hpp"
+#include "gateway/iothub_protocol.hpp"  // base64_encode
 #include "runtime/registry.hpp"
 #include "runtime/route.hpp"
 #include "runtime/target_condition.hpp"
@@ -118,34 +119,6 @@ reply_fn<void> answer_no_content(reply_t reply) {
 }
 
 // --- Encoding --------------------------------------------------------------------
-
-std::string base64(std::string_view in) {
-  static constexpr char table[] =
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((in.size() + 2) / 3 * 4);
-  std::size_t i = 0;
-  auto byte = [&](std::size_t k) {
-    return static_cast<std::uint32_t>(static_cast<unsigned char>(in[k]));
-  };
-  for (; i + 2 < in.size(); i += 3) {
-    std::uint32_t v = (byte(i) << 16) | (byte(i + 1) << 8) | byte(i + 2);
-    out += table[(v >> 18) & 63];
-    out += table[(v >> 12) & 63];
-    out += table[(v >> 6) & 63];
-    out += table[v & 63];
-  }
-  if (i < in.size()) {
-    std::uint32_t v = byte(i) << 16;
-    if (i + 1 < in.size())
-      v |= byte(i + 1) << 8;
-    out += table[(v >> 18) & 63];
-    out += table[(v >> 12) & 63];
-    out += i + 1 < in.size() ? table[(v >> 6) & 63] : '=';
-    out += '=';
-  }
-  return out;
-}
 
 /// True if the arrays/objects in the JSON text `text` nest at most `limit` deep.
 bool nesting_within(std::string_view text, int limit) { return !json_too_deep(text, limit); }
@@ -268,7 +241,7 @@ json body_json(std::string_view body) {
     if (!doc.is_discarded())
       return doc;
   }
-  return json{{"base64", base64(body)}};
+  return json{{"base64", iothub::base64_encode(body)}};
 }
 
 json telemetry_json(const std::vector<telemetry_record>& records) {

@@ -1,6 +1,8 @@
 // The Azure IoT Hub device protocol over MQTT (see the header for the sources).
 #include "gateway/iothub_protocol.hpp"
 
+#include "runtime/ascii.hpp"
+
 #include <canopy/message.hpp>
 
 #include <openssl/crypto.h>
@@ -24,21 +26,8 @@ error bad(std::string message) {
   return make_error(errc::invalid_argument, std::move(message));
 }
 
-char lower(char c) noexcept {
-  return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
-}
-
-bool iequals(std::string_view a, std::string_view b) noexcept {
-  if (a.size() != b.size())
-    return false;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    if (lower(a[i]) != lower(b[i]))
-      return false;
-  return true;
-}
-
 bool istarts_with(std::string_view s, std::string_view prefix) noexcept {
-  return s.size() >= prefix.size() && iequals(s.substr(0, prefix.size()), prefix);
+  return s.size() >= prefix.size() && ascii::iequals(s.substr(0, prefix.size()), prefix);
 }
 
 // Untrusted text in an error message: quoted, at most 80 bytes, bytes outside
@@ -58,16 +47,6 @@ std::string shown(std::string_view s) {
   }
   out += s.size() > limit ? "'..." : "'";
   return out;
-}
-
-int hex_value(char c) noexcept {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
 }
 
 // Offset of the first byte that is not part of well-formed UTF-8 (or is a
@@ -296,7 +275,7 @@ std::pair<std::string_view, std::string_view> split_resource(std::string_view r)
 bool same_resource(std::string_view got, std::string_view want) {
   auto [got_host, got_path] = split_resource(got);
   auto [want_host, want_path] = split_resource(want);
-  if (!iequals(got_host, want_host))
+  if (!ascii::iequals(got_host, want_host))
     return false;
   if (got_path == want_path)
     return true;
@@ -595,8 +574,8 @@ std::string percent_decode(std::string_view s) {
   out.reserve(s.size());
   for (std::size_t i = 0; i < s.size(); ++i) {
     int hi, lo;
-    if (s[i] == '%' && i + 2 < s.size() && (hi = hex_value(s[i + 1])) >= 0 &&
-        (lo = hex_value(s[i + 2])) >= 0) {
+    if (s[i] == '%' && i + 2 < s.size() && (hi = ascii::hex_value(s[i + 1])) >= 0 &&
+        (lo = ascii::hex_value(s[i + 2])) >= 0) {
       out += static_cast<char>(hi * 16 + lo);
       i += 2;
     } else {
@@ -968,14 +947,14 @@ expected<sas_token> parse_sas(std::string_view token) {
       have = true;
       return {};
     };
-    if (iequals(name, "sr")) {
+    if (ascii::iequals(name, "sr")) {
       if (auto r = once(have_sr); !r)
         return std::move(r).err();
       if (value.empty())
         return bad("SAS token: malformed: field sr is empty");
       t.resource_as_sent = std::string{value};
       t.resource = percent_decode(value);
-    } else if (iequals(name, "sig")) {
+    } else if (ascii::iequals(name, "sig")) {
       if (auto r = once(have_sig); !r)
         return std::move(r).err();
       auto raw = base64_decode(percent_decode(value));
@@ -985,7 +964,7 @@ expected<sas_token> parse_sas(std::string_view token) {
         return bad("SAS token: malformed: field sig is " + std::to_string(raw->size()) +
                    " bytes, an HMAC-SHA256 is 32");
       t.signature = std::move(*raw);
-    } else if (iequals(name, "se")) {
+    } else if (ascii::iequals(name, "se")) {
       if (auto r = once(have_se); !r)
         return std::move(r).err();
       auto se = parse_unsigned(value);
@@ -994,7 +973,7 @@ expected<sas_token> parse_sas(std::string_view token) {
                    " is not a number of seconds since 1970");
       t.expiry_s = *se;
       t.expiry_text = std::string{value};
-    } else if (iequals(name, "skn")) {
+    } else if (ascii::iequals(name, "skn")) {
       if (auto r = once(have_skn); !r)
         return std::move(r).err();
       t.key_name = percent_decode(value);

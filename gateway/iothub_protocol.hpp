@@ -304,7 +304,8 @@ expected<void> verify_sas(const sas_token& token, std::string_view key_base64,
 expected<std::string> make_sas(std::string_view resource, std::string_view key_base64,
                                std::int64_t expiry_s, std::string_view key_name = {});
 
-/// Standard base64 with '=' padding (for keys in tests and tools).
+/// Standard base64 with '=' padding (for keys in tests and tools, and the hub
+/// API's binary message bodies). Any thread.
 std::string base64_encode(std::string_view bytes);
 
 /// Decodes standard base64, padding optional; nullopt for any other byte.

@@ -95,6 +95,78 @@ kj::Promise<void> wait_idle(task_counter& counter, kj::AsyncIoContext& ctx, cons
     [what] { spdlog::warn("link: {}: connections or calls still open 5 s after stop", what); }));
 }
 
+namespace {
+
+/// What an accept loop needs, shared by its continuations.
+struct accept_state {
+  std::string listen;
+  const char* log_name;
+  accept_hooks hooks;
+};
+
+kj::Promise<void> accept_loop(std::shared_ptr<accept_state> st, kj::ConnectionReceiver& receiver,
+                              kj::Timer& timer) {
+  return receiver.acceptAuthenticated().then(
+    [st, &receiver, &timer](kj::AuthenticatedStream stream) mutable {
+      st->hooks.accept(kj::mv(stream), timer);
+      return accept_loop(kj::mv(st), receiver, timer);
+    },
+    [st, &receiver, &timer](kj::Exception&& e) mutable {
+      // E.g. EMFILE: keep the port, try again shortly.
+      spdlog::error("{}: accepting on {} failed: {}; retrying in 1 s", st->log_name, st->listen,
+                    text_of(e));
+      return timer.afterDelay(1 * kj::SECONDS).then([st = kj::mv(st), &receiver, &timer]() mutable {
+        return accept_loop(kj::mv(st), receiver, timer);
+      });
+    });
+}
+
+}  // namespace
+
+expected<void> listen_and_accept(io_thread& io, const std::string& listen, const char* log_name,
+                                 std::atomic<std::uint16_t>& port, kj::Canceler& accepting,
+                                 accept_hooks hooks) {
+  auto st = std::make_shared<accept_state>(accept_state{listen, log_name, std::move(hooks)});
+  KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
+                 io.run_sync([st, &io, &port, &accepting](kj::AsyncIoContext& ctx) {
+                   return ctx.provider->getNetwork()
+                     .parseAddress(st->listen)
+                     .then([st, &ctx, &io, &port, &accepting](kj::Own<kj::NetworkAddress> address) {
+                       auto receiver = address->listen();
+                       port = static_cast<std::uint16_t>(receiver->getPort());
+                       auto& r = *receiver;
+                       auto loop =
+                         accept_loop(st, r, ctx.provider->getTimer()).attach(kj::mv(receiver));
+                       io.add_task(accepting.wrap(kj::mv(loop)).catch_([st](kj::Exception&& e) {
+                         if (!st->hooks.stopping()) {
+                           spdlog::error("{}: stopped accepting on {}: {}", st->log_name,
+                                         st->listen, text_of(e));
+                         }
+                       }));
+                     });
+                 });
+               })) {
+    return make_error(errc::io_error, "cannot listen on " + listen + ": " + text_of(*e));
+  }
+  return {};
+}
+
+void stop_serving(io_thread& io, task_counter& tasks, const char* what,
+                  const std::function<void()>& shut) {
+  if (!io.running())
+    return;
+  KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
+                 io.run_sync([&](kj::AsyncIoContext& ctx) {
+                   shut();
+                   return wait_idle(tasks, ctx, what);
+                 });
+               })) {
+    spdlog::debug("{}: stop after the I/O thread: {}", what, text_of(*e));
+  }
+  // Channel calls posted before the connections closed answer now.
+  drain_posts(io);
+}
+
 std::string ms_text(std::chrono::milliseconds ms) {
   return std::to_string(ms.count()) + " ms";
 }

@@ -21,10 +21,12 @@
 #include <kj/async-io.h>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -143,6 +145,37 @@ void drain_posts(io_thread& io);
 /// On the I/O thread: resolves once `counter` is idle, or after stop_wait (then
 /// logs a warning naming `what`).
 kj::Promise<void> wait_idle(task_counter& counter, kj::AsyncIoContext& ctx, const char* what);
+
+// --- Listening (link_server and mqtt_server) -----------------------------------------
+
+/// What listen_and_accept() calls on the I/O thread. Both may hold the server's
+/// state alive: they live as long as its accept loop.
+struct accept_hooks {
+  /// Takes one accepted connection (`timer` is the loop's).
+  std::function<void(kj::AuthenticatedStream stream, kj::Timer& timer)> accept;
+  /// True once the server is stopping: its accept loop ending is then no error.
+  std::function<bool()> stopping;
+};
+
+/// A server's start(), from a thread other than the I/O thread, which it blocks
+/// until the address is bound: binds `listen` on the I/O thread, stores the port
+/// in `port` and accepts connections, handing each to `hooks.accept`, until
+/// `accepting` is cancelled. A failed accept (EMFILE) is logged ("<log_name>:
+/// accepting on <listen> failed: ...; retrying in 1 s") and retried a second
+/// later, keeping the port; a loop that ends while not stopping is logged as an
+/// error. io_error "cannot listen on <listen>: <reason>" if the address does not
+/// parse or bind (or the I/O thread stopped).
+expected<void> listen_and_accept(io_thread& io, const std::string& listen, const char* log_name,
+                                 std::atomic<std::uint16_t>& port, kj::Canceler& accepting,
+                                 accept_hooks hooks);
+
+/// A server's stop(), from a thread other than the I/O thread, which it blocks:
+/// if `io` runs, runs `shut` on the I/O thread (mark the server stopping, cancel
+/// its accepting, close its connections), waits for `tasks` (wait_idle() naming
+/// `what`; a debug log if the I/O thread stopped meanwhile), then drain_posts().
+/// Does nothing if `io` is not running.
+void stop_serving(io_thread& io, task_counter& tasks, const char* what,
+                  const std::function<void()>& shut);
 
 // --- Small conversions ---------------------------------------------------------------
 

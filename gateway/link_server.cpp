@@ -528,23 +528,6 @@ void accept_connection(const std::shared_ptr<link_server::impl>& s, kj::Authenti
   s->io.load()->add_task(life.attach(kj::mv(conn)));
 }
 
-kj::Promise<void> accept_loop(std::shared_ptr<link_server::impl> s,
-                              kj::ConnectionReceiver& receiver, kj::Timer& timer) {
-  return receiver.acceptAuthenticated().then(
-    [s, &receiver, &timer](kj::AuthenticatedStream stream) mutable {
-      accept_connection(s, kj::mv(stream), timer);
-      return accept_loop(kj::mv(s), receiver, timer);
-    },
-    [s, &receiver, &timer](kj::Exception&& e) mutable {
-      // E.g. EMFILE: keep the port, try again shortly.
-      spdlog::error("link: accepting on {} failed: {}; retrying in 1 s", s->options.listen,
-                    text_of(e));
-      return timer.afterDelay(1 * kj::SECONDS).then([s = kj::mv(s), &receiver, &timer]() mutable {
-        return accept_loop(kj::mv(s), receiver, timer);
-      });
-    });
-}
-
 }  // namespace
 
 link_server::link_server(link_server_options options, link_host& host)
@@ -564,29 +547,15 @@ expected<void> link_server::start(io_thread& io) {
   if (!io.running())
     return make_error(errc::unavailable, "link server: the I/O thread is not running");
   s->io = &io;
-  KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
-                 io.run_sync([s](kj::AsyncIoContext& ctx) {
-                   return ctx.provider->getNetwork()
-                     .parseAddress(s->options.listen)
-                     .then([s, &ctx](kj::Own<kj::NetworkAddress> address) {
-                       auto receiver = address->listen();
-                       s->port = static_cast<std::uint16_t>(receiver->getPort());
-                       auto& r = *receiver;
-                       auto loop =
-                         accept_loop(s, r, ctx.provider->getTimer()).attach(kj::mv(receiver));
-                       s->io.load()->add_task(
-                         s->accepting.wrap(kj::mv(loop)).catch_([s](kj::Exception&& e) {
-                           if (!s->stopping) {
-                             spdlog::error("link: stopped accepting on {}: {}", s->options.listen,
-                                           text_of(e));
-                           }
-                         }));
-                     });
-                 });
-               })) {
+  auto listening =
+    listen_and_accept(io, s->options.listen, "link", s->port, s->accepting,
+                      accept_hooks{[s](kj::AuthenticatedStream stream, kj::Timer& timer) {
+                                     accept_connection(s, kj::mv(stream), timer);
+                                   },
+                                   [s] { return s->stopping; }});
+  if (!listening) {
     s->io = nullptr;
-    return make_error(errc::io_error,
-                      "link server: cannot listen on " + s->options.listen + ": " + text_of(*e));
+    return make_error(listening.err().code, "link server: " + listening.err().message);
   }
   spdlog::info("link: listening on {} (port {})", s->options.listen, s->port.load());
   return {};
@@ -600,22 +569,12 @@ void link_server::stop() {
   auto s = impl_;
   if (s->io == nullptr)
     return;
-  auto& io = *s->io.load();
-  if (io.running()) {
-    KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
-                   io.run_sync([s](kj::AsyncIoContext& ctx) {
-                     s->stopping = true;
-                     s->accepting.cancel("the link server stopped");
-                     for (auto& entry : s->connections)
-                       entry.second->close("the parent stopped");
-                     return wait_idle(*s->tasks, ctx, "link server");
-                   });
-                 })) {
-      spdlog::debug("link server: stop after the I/O thread: {}", text_of(*e));
-    }
-    // Channel calls posted before the connections closed answer now.
-    drain_posts(io);
-  }
+  stop_serving(*s->io.load(), *s->tasks, "link server", [&s] {
+    s->stopping = true;
+    s->accepting.cancel("the link server stopped");
+    for (auto& entry : s->connections)
+      entry.second->close("the parent stopped");
+  });
   s->io = nullptr;
 }
 

@@ -588,28 +588,6 @@ void accept_connection(const std::shared_ptr<mqtt_server::impl>& s, kj::Authenti
   s->io.load()->add_task(life.attach(kj::mv(conn)));
 }
 
-kj::Promise<void> accept_loop(std::shared_ptr<mqtt_server::impl> s, kj::ConnectionReceiver& receiver,
-                              kj::Timer& timer) {
-  return receiver.acceptAuthenticated().then(
-    [s, &receiver, &timer](kj::AuthenticatedStream stream) mutable {
-      // Telemetry is latency-sensitive and small: no Nagle.
-      int one = 1;
-      KJ_IF_MAYBE (e, kj::runCatchingExceptions(
-                        [&] { stream.stream->setsockopt(IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); })) {
-        (void)e;  // not a TCP socket (tests): fine
-      }
-      accept_connection(s, kj::mv(stream), timer);
-      return accept_loop(kj::mv(s), receiver, timer);
-    },
-    [s, &receiver, &timer](kj::Exception&& e) mutable {
-      // E.g. EMFILE: keep the port, try again shortly.
-      spdlog::error("mqtt: accepting on {} failed: {}; retrying in 1 s", s->options.listen, text_of(e));
-      return timer.afterDelay(1 * kj::SECONDS).then([s = kj::mv(s), &receiver, &timer]() mutable {
-        return accept_loop(kj::mv(s), receiver, timer);
-      });
-    });
-}
-
 }  // namespace
 
 mqtt_server::mqtt_server(mqtt_server_options options, mqtt_host& host)
@@ -626,23 +604,20 @@ expected<void> mqtt_server::start(io_thread& io) {
   if (!io.running())
     return make_error(errc::unavailable, "mqtt server: the I/O thread is not running");
   s->io = &io;
-  KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
-                 io.run_sync([s](kj::AsyncIoContext& ctx) {
-                   return ctx.provider->getNetwork().parseAddress(s->options.listen).then(
-                     [s, &ctx](kj::Own<kj::NetworkAddress> address) {
-                       auto receiver = address->listen();
-                       s->port = static_cast<std::uint16_t>(receiver->getPort());
-                       auto& r = *receiver;
-                       auto loop = accept_loop(s, r, ctx.provider->getTimer()).attach(kj::mv(receiver));
-                       s->io.load()->add_task(s->accepting.wrap(kj::mv(loop)).catch_([s](kj::Exception&& e) {
-                         if (!s->stopping)
-                           spdlog::error("mqtt: stopped accepting on {}: {}", s->options.listen, text_of(e));
-                       }));
-                     });
-                 });
-               })) {
+  auto accept = [s](kj::AuthenticatedStream stream, kj::Timer& timer) {
+    // Telemetry is latency-sensitive and small: no Nagle.
+    int one = 1;
+    KJ_IF_MAYBE (e, kj::runCatchingExceptions(
+                      [&] { stream.stream->setsockopt(IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); })) {
+      (void)e;  // not a TCP socket (tests): fine
+    }
+    accept_connection(s, kj::mv(stream), timer);
+  };
+  auto listening = link_rpc::listen_and_accept(io, s->options.listen, "mqtt", s->port, s->accepting,
+                                               link_rpc::accept_hooks{accept, [s] { return s->stopping; }});
+  if (!listening) {
     s->io = nullptr;
-    return make_error(errc::io_error, "mqtt server: cannot listen on " + s->options.listen + ": " + text_of(*e));
+    return make_error(listening.err().code, "mqtt server: " + listening.err().message);
   }
   spdlog::info("mqtt: listening on {} (port {}, {})", s->options.listen, s->port.load(),
                s->options.tls != nullptr ? "TLS" : "plain TCP");
@@ -661,21 +636,12 @@ void mqtt_server::stop() {
   auto s = impl_;
   if (s->io == nullptr)
     return;
-  auto& io = *s->io.load();
-  if (io.running()) {
-    KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
-                   io.run_sync([s](kj::AsyncIoContext& ctx) {
-                     s->stopping = true;
-                     s->accepting.cancel("the MQTT server stopped");
-                     for (auto& entry : s->connections)
-                       entry.second->close("the node is stopping");
-                     return link_rpc::wait_idle(*s->tasks, ctx, "mqtt server");
-                   });
-                 })) {
-      spdlog::debug("mqtt server: stop after the I/O thread: {}", text_of(*e));
-    }
-    link_rpc::drain_posts(io);
-  }
+  link_rpc::stop_serving(*s->io.load(), *s->tasks, "mqtt server", [&s] {
+    s->stopping = true;
+    s->accepting.cancel("the MQTT server stopped");
+    for (auto& entry : s->connections)
+      entry.second->close("the node is stopping");
+  });
   s->io = nullptr;
 }
 

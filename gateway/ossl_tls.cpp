@@ -1,6 +1,7 @@
 #include "gateway/ossl_tls.hpp"
 
-#include <openssl/asn1.h>
+#include "gateway/x509_text.hpp"
+
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -14,9 +15,7 @@
 #include <sys/ioctl.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
-#include <ctime>
 #include <utility>
 
 // How the TLS engine meets the kj stream (the "memory BIO" question).
@@ -140,40 +139,6 @@ kj::Exception ssl_exception(kj::Exception::Type type, const char* what, int ssl_
       break;
   }
   return kj::Exception(type, __FILE__, __LINE__, kj::str(what, ": ", reason.c_str()));
-}
-
-std::string hex_upper(const unsigned char* data, size_t n) {
-  static constexpr char digits[] = "0123456789ABCDEF";
-  std::string out(2 * n, '0');
-  for (size_t i = 0; i < n; ++i) {
-    out[2 * i] = digits[data[i] >> 4];
-    out[2 * i + 1] = digits[data[i] & 0xf];
-  }
-  return out;
-}
-
-/// The first CN of `name` as UTF-8, or "" if it has none.
-std::string name_cn(const X509_NAME* name) {
-  if (name == nullptr)
-    return "";
-  int index = X509_NAME_get_index_by_NID(name, NID_commonName, -1);
-  if (index < 0)
-    return "";
-  const ASN1_STRING* data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, index));
-  unsigned char* utf8 = nullptr;
-  int len = ASN1_STRING_to_UTF8(&utf8, data);
-  if (len < 0)
-    return "";
-  std::string out(reinterpret_cast<const char*>(utf8), static_cast<size_t>(len));
-  OPENSSL_free(utf8);
-  return out;
-}
-
-std::string format_asn1_time(const ASN1_TIME* t) {
-  std::tm tm{};
-  if (t == nullptr || ASN1_TIME_to_tm(t, &tm) != 1)
-    return "?";
-  return certs::format_time(std::chrono::system_clock::from_time_t(::timegm(&tm)));
 }
 
 /// Every certificate in `pem`; errors name `label` and the certificate's position.
@@ -301,16 +266,8 @@ struct tls_callbacks {
         return 1;
       if (error == X509_V_OK)
         error = X509_V_ERR_UNSPECIFIED;
-      std::string detail = X509_verify_cert_error_string(error);
       X509* bad = X509_STORE_CTX_get_current_cert(store);
-      if (bad != nullptr && error == X509_V_ERR_CERT_HAS_EXPIRED)
-        detail += " (notAfter " + format_asn1_time(X509_get0_notAfter(bad)) + ")";
-      else if (bad != nullptr && error == X509_V_ERR_CERT_NOT_YET_VALID)
-        detail += " (notBefore " + format_asn1_time(X509_get0_notBefore(bad)) + ")";
-      if (bad != nullptr && depth > 0) {
-        detail += " [issuer certificate '" + name_cn(X509_get_subject_name(bad)) + "', depth " +
-                  std::to_string(depth) + "]";
-      }
+      std::string detail = x509_text::verify_error(error, depth, bad);
       s->note_verify_failure(error, depth, detail);
     } catch (...) {
       // Out of memory while describing the problem: record_peer() falls back on
@@ -333,32 +290,10 @@ tls_server_context::tls_server_context(token, std::shared_ptr<const detail::tls_
 tls_server_context::~tls_server_context() = default;
 
 expected<std::unique_ptr<tls_server_context>> tls_server_context::load(const tls_files& files) {
-  std::string cert_label = "node certificate " + files.cert_path;
-  std::string key_label = "node key " + files.key_path;
-  std::string ca_label = "CA certificate " + files.ca_path;
-  auto read = [](const std::string& path, const std::string& label) -> expected<std::string> {
-    auto text = certs::read_file(path);
-    if (!text) {
-      // certs::read_file says "cannot read <path>: <reason>"; the label names the path already.
-      auto message = text.err().message;
-      auto prefix = "cannot read " + path + ": ";
-      if (message.rfind(prefix, 0) == 0)
-        message = "cannot read: " + message.substr(prefix.size());
-      return make_error(text.err().code, label + ": " + message);
-    }
-    return text;
-  };
-  auto cert_pem = read(files.cert_path, cert_label);
-  if (!cert_pem)
-    return std::move(cert_pem).err();
-  auto key_pem = read(files.key_path, key_label);
-  if (!key_pem)
-    return std::move(key_pem).err();
-  auto ca_pem = read(files.ca_path, ca_label);
-  if (!ca_pem)
-    return std::move(ca_pem).err();
-  return build(certs::key_and_cert{std::move(*cert_pem), std::move(*key_pem)}, *ca_pem, cert_label,
-               key_label, ca_label);
+  auto pem = read_tls_files(files);
+  if (!pem)
+    return std::move(pem).err();
+  return build(pem->identity, pem->ca_pem, pem->cert_label, pem->key_label, pem->ca_label);
 }
 
 expected<std::unique_ptr<tls_server_context>> tls_server_context::from_pem(
@@ -384,17 +319,9 @@ expected<std::unique_ptr<tls_server_context>> tls_server_context::build(
   }
   // The chain must hold; the validity period is reported, not enforced, so that
   // a node whose certificate expired keeps running (as tls_config does).
-  auto cn = certs::verify_chain(identity.cert_pem, ca_pem);
-  if (!cn)
-    return make_error(errc::invalid_argument, cert_label + ": " + cn.err().message);
-  std::string problem;
-  if (auto now_ok = certs::verify(identity.cert_pem, ca_pem, std::chrono::system_clock::now());
-      !now_ok) {
-    problem = cert_label + ": " + now_ok.err().message;
-  }
-  auto thumbprint = certs::thumbprint_sha256(identity.cert_pem);
-  if (!thumbprint)
-    return make_error(errc::invalid_argument, cert_label + ": " + thumbprint.err().message);
+  auto own = check_tls_identity(identity, ca_pem, cert_label);
+  if (!own)
+    return std::move(own).err();
 
   auto core = std::make_shared<detail::tls_core>();
   auto fail = [&](const std::string& what) {
@@ -449,8 +376,8 @@ expected<std::unique_ptr<tls_server_context>> tls_server_context::build(
   // clients offer self-signed certificates too.
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, &tls_callbacks::verify);
 
-  return std::make_unique<tls_server_context>(token{}, std::move(core), std::move(*cn),
-                                              std::move(*thumbprint), std::move(problem));
+  return std::make_unique<tls_server_context>(token{}, std::move(core), std::move(own->common_name),
+                                              std::move(own->thumbprint), std::move(own->problem));
 }
 
 kj::Promise<kj::Own<tls_server_stream>> tls_server_context::accept(
@@ -539,11 +466,8 @@ void tls_server_stream::record_peer() {
   X509* cert = SSL_get0_peer_certificate(ssl_);
   if (cert != nullptr) {
     peer_.has_cert = true;
-    peer_.common_name = name_cn(X509_get_subject_name(cert));
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int len = 0;
-    if (X509_digest(cert, EVP_sha256(), md, &len) == 1)
-      peer_.thumbprint_sha256_hex = hex_upper(md, len);
+    peer_.common_name = x509_text::common_name(X509_get_subject_name(cert));
+    peer_.thumbprint_sha256_hex = x509_text::thumbprint_sha256(cert);
     ERR_clear_error();
     long result = SSL_get_verify_result(ssl_);
     if (verify_error_ != X509_V_OK)

@@ -59,32 +59,11 @@ tls_config::~tls_config() = default;
 
 expected<std::unique_ptr<tls_config>> tls_config::load(const tls_files& files, tls_role role,
                                                        kj::Timer* timer) {
-  std::string cert_label = "node certificate " + files.cert_path;
-  std::string key_label = "node key " + files.key_path;
-  std::string ca_label = "CA certificate " + files.ca_path;
-  auto read = [](const std::string& path, const std::string& label) -> expected<std::string> {
-    auto text = certs::read_file(path);
-    if (!text) {
-      // certs::read_file says "cannot read <path>: <reason>"; the label names the path already.
-      auto message = text.err().message;
-      auto prefix = "cannot read " + path + ": ";
-      if (message.rfind(prefix, 0) == 0)
-        message = "cannot read: " + message.substr(prefix.size());
-      return make_error(text.err().code, label + ": " + message);
-    }
-    return text;
-  };
-  auto cert_pem = read(files.cert_path, cert_label);
-  if (!cert_pem)
-    return std::move(cert_pem).err();
-  auto key_pem = read(files.key_path, key_label);
-  if (!key_pem)
-    return std::move(key_pem).err();
-  auto ca_pem = read(files.ca_path, ca_label);
-  if (!ca_pem)
-    return std::move(ca_pem).err();
-  return build(certs::key_and_cert{std::move(*cert_pem), std::move(*key_pem)}, *ca_pem, role, timer,
-               cert_label, key_label, ca_label);
+  auto pem = read_tls_files(files);
+  if (!pem)
+    return std::move(pem).err();
+  return build(pem->identity, pem->ca_pem, role, timer, pem->cert_label, pem->key_label,
+               pem->ca_label);
 }
 
 expected<std::unique_ptr<tls_config>> tls_config::from_pem(const certs::key_and_cert& identity,
@@ -115,25 +94,17 @@ expected<std::unique_ptr<tls_config>> tls_config::build(
   if (auto ok = certs::check_key_matches(identity); !ok) {
     return make_error(errc::invalid_argument, key_label + " does not belong to " + cert_label);
   }
-  // The chain must hold; the validity period is checked separately: a node
-  // whose certificate expired keeps running (offline), its links refused.
   auto info = certs::inspect(identity.cert_pem);
   if (!info)
     return make_error(errc::invalid_argument, cert_label + ": " + info.err().message);
-  auto cn = certs::verify_chain(identity.cert_pem, ca_pem);
-  if (!cn)
-    return make_error(errc::invalid_argument, cert_label + ": " + cn.err().message);
-  std::string problem;
-  if (auto now_ok = certs::verify(identity.cert_pem, ca_pem, std::chrono::system_clock::now()); !now_ok)
-    problem = cert_label + ": " + now_ok.err().message;
-  auto thumbprint = certs::thumbprint_sha256(identity.cert_pem);
-  if (!thumbprint)
-    return make_error(errc::invalid_argument, cert_label + ": " + thumbprint.err().message);
+  auto own = check_tls_identity(identity, ca_pem, cert_label);
+  if (!own)
+    return std::move(own).err();
 
   auto config = std::make_unique<tls_config>(
     token{}, kj::TlsKeypair{kj::mv(KJ_ASSERT_NONNULL(key)), kj::mv(KJ_ASSERT_NONNULL(cert))},
-    kj::mv(*trusted), std::move(*cn), std::move(*thumbprint));
-  config->problem_ = std::move(problem);
+    kj::mv(*trusted), std::move(own->common_name), std::move(own->thumbprint));
+  config->problem_ = std::move(own->problem);
 
   kj::TlsContext::Options options;
   options.useSystemTrustStore = false;
@@ -150,6 +121,55 @@ expected<std::unique_ptr<tls_config>> tls_config::build(
     return make_error(errc::failed, cert_label + ": cannot set up TLS: " + describe(*e));
   }
   return config;
+}
+
+expected<tls_pem> read_tls_files(const tls_files& files) {
+  tls_pem out;
+  out.cert_label = "node certificate " + files.cert_path;
+  out.key_label = "node key " + files.key_path;
+  out.ca_label = "CA certificate " + files.ca_path;
+  auto read = [](const std::string& path, const std::string& label,
+                 std::string& out_text) -> expected<void> {
+    auto text = certs::read_file(path);
+    if (!text) {
+      // certs::read_file says "cannot read <path>: <reason>"; the label names the path already.
+      auto message = text.err().message;
+      auto prefix = "cannot read " + path + ": ";
+      if (message.rfind(prefix, 0) == 0)
+        message = "cannot read: " + message.substr(prefix.size());
+      return make_error(text.err().code, label + ": " + message);
+    }
+    out_text = std::move(*text);
+    return {};
+  };
+  if (auto ok = read(files.cert_path, out.cert_label, out.identity.cert_pem); !ok)
+    return std::move(ok).err();
+  if (auto ok = read(files.key_path, out.key_label, out.identity.key_pem); !ok)
+    return std::move(ok).err();
+  if (auto ok = read(files.ca_path, out.ca_label, out.ca_pem); !ok)
+    return std::move(ok).err();
+  return out;
+}
+
+expected<tls_identity> check_tls_identity(const certs::key_and_cert& identity,
+                                          const std::string& ca_pem,
+                                          const std::string& cert_label) {
+  // The chain must hold; the validity period is reported, not enforced: a node
+  // whose certificate expired keeps running (offline), its links refused.
+  auto cn = certs::verify_chain(identity.cert_pem, ca_pem);
+  if (!cn)
+    return make_error(errc::invalid_argument, cert_label + ": " + cn.err().message);
+  tls_identity out;
+  out.common_name = std::move(*cn);
+  if (auto now_ok = certs::verify(identity.cert_pem, ca_pem, std::chrono::system_clock::now());
+      !now_ok) {
+    out.problem = cert_label + ": " + now_ok.err().message;
+  }
+  auto thumbprint = certs::thumbprint_sha256(identity.cert_pem);
+  if (!thumbprint)
+    return make_error(errc::invalid_argument, cert_label + ": " + thumbprint.err().message);
+  out.thumbprint = std::move(*thumbprint);
+  return out;
 }
 
 expected<kj::Array<kj::TlsCertificate>> parse_trust_anchors(const std::string& ca_pem,

@@ -29,6 +29,36 @@ struct tls_files {
   std::string ca_path;    ///< e.g. <dir>/ca.crt (one or more trust anchors)
 };
 
+/// The PEM texts of a node's TLS identity with the labels errors name them by
+/// (what read_tls_files() returns; shared by tls_config and tls_server_context).
+struct tls_pem {
+  certs::key_and_cert identity;  ///< the certificate (chain) and its key
+  std::string ca_pem;            ///< the trusted CA certificate(s)
+  std::string cert_label;        ///< "node certificate /x/gw1.crt"
+  std::string key_label;         ///< "node key /x/gw1.key"
+  std::string ca_label;          ///< "CA certificate /x/ca.crt"
+};
+
+/// Reads the three PEM files of `files`. Errors name the file ("CA certificate
+/// /x/ca.crt: cannot read: No such file or directory"), with certs::read_file()'s
+/// code. Any thread; costs three small file reads.
+expected<tls_pem> read_tls_files(const tls_files& files);
+
+/// What a TLS context keeps about its own certificate.
+struct tls_identity {
+  std::string common_name;  ///< subject CN of the certificate
+  std::string thumbprint;   ///< SHA-256 thumbprint, uppercase hex
+  std::string problem;      ///< why peers refuse it now ("<cert_label>: ..."), or ""
+};
+
+/// Checks that `identity.cert_pem` chains to the CA(s) in `ca_pem`, ignoring
+/// validity periods (a certificate outside its validity is reported in
+/// tls_identity::problem, so that a node keeps running offline), and computes its
+/// thumbprint. invalid_argument naming `cert_label` otherwise. Does not check the
+/// key. Any thread; costs two chain verifications and a hash.
+expected<tls_identity> check_tls_identity(const certs::key_and_cert& identity,
+                                          const std::string& ca_pem, const std::string& cert_label);
+
 /// How a context will be used.
 enum class tls_role {
   server_verify_clients,  ///< server that requires a client certificate chaining to the CA (mTLS)

@@ -1,8 +1,9 @@
-// ASCII character helpers for the hand-written lexers in runtime/ (route.cpp's
-// route language and target_condition.cpp's target conditions): locale-free
-// classification, case-insensitive comparison, and how a byte is shown in an
-// error message. Internal to runtime/; header-only, no allocation except
-// describe_char(). A source brings them in with `using namespace ascii;`.
+// ASCII character helpers for the hand-written lexers and parsers (route.cpp's
+// route language, target_condition.cpp's target conditions, gateway/'s HTTP and
+// IoT Hub protocol parsing): locale-free classification, case-insensitive
+// comparison, hex digits, and how a byte is shown in an error message. Internal
+// to Canopy; header-only, no allocation except describe_char(). A source brings
+// them in with `using namespace ascii;` (or names them ascii::...).
 #pragma once
 
 #include <cstddef>
@@ -49,6 +50,17 @@ inline bool is_ident_start(char c) noexcept {
 /// A later character of a keyword or name: A-Z a-z 0-9 _.
 inline bool is_ident_char(char c) noexcept {
   return is_alpha(c) || is_digit(c) || c == '_';
+}
+
+/// The value of hex digit `c` (0-9, a-f, A-F), or -1 if it is not one.
+inline int hex_value(char c) noexcept {
+  if (c >= '0' && c <= '9')
+    return c - '0';
+  if (c >= 'a' && c <= 'f')
+    return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F')
+    return c - 'A' + 10;
+  return -1;
 }
 
 /// Space, tab, line feed, carriage return, form feed or vertical tab.

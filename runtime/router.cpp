@@ -68,7 +68,11 @@ struct lane {
   bool spilled = false;          ///< stored rows exist beyond the window
   std::int64_t read_cursor = 0;  ///< highest seq that entered the window (refill reads after it)
   std::int64_t checkpoint = 0;   ///< persisted
-  std::int64_t ack_seq = 0;      ///< checkpoint to persist at the next commit
+  std::int64_t ack_seq = 0;      ///< highest acknowledged stored seq (the checkpoint to reach)
+  /// Acknowledged seqs not yet persisted as the checkpoint, each with the
+  /// number of the next message routed when it came: it may be persisted once
+  /// every message routed before that is stored or done.
+  std::deque<std::pair<std::int64_t, std::uint64_t>> pending_acks;
   std::int64_t mark = 0;         ///< persisted delivery mark
   std::int64_t want_mark = 0;    ///< mark to persist at the next commit
   std::int64_t restart_mark = 0; ///< the mark found at start: seqs <= it were handed before
@@ -307,13 +311,57 @@ std::int64_t mark_target(const router_state& st, const lane& l) {
   return target;
 }
 
+/// What is still open of a message of the batch.
+struct open_state {
+  bool none = true;           ///< every target acknowledged (or expired): nothing to write
+  bool upstream_only = true;  ///< the open ones are all deliveries to $upstream under way
+};
+
+open_state open_targets(const router_state& st, const pending_msg& pm) {
+  open_state o;
+  for (std::size_t k = pm.first; k < pm.first + pm.count; ++k) {
+    const pending_target& t = st.targets[k];
+    if (t.in_mem && t.pos < t.l->front_pos)
+      continue;  // acknowledged and popped
+    const entry* e = t.in_mem ? &t.l->mem[t.pos - t.l->front_pos] : nullptr;
+    if (e != nullptr && e->done)
+      continue;
+    o.none = false;
+    if (e == nullptr || e->token == 0 || !t.l->rcv->is_upstream)
+      o.upstream_only = false;
+  }
+  return o;
+}
+
+/// The lowest number of a message routed so far that is neither stored nor
+/// done (acknowledged everywhere, or expired): a checkpoint whose
+/// acknowledgement came after it was routed must not move yet.
+std::uint64_t first_unresolved(const router_state& st) {
+  for (const auto& pm : st.batch)
+    if (!open_targets(st, pm).none)
+      return pm.no;
+  return st.next_msg_no;
+}
+
+/// `seq` of `l` is acknowledged: its checkpoint may move once everything
+/// routed before now is stored (what the module sent before acknowledging).
+void note_ack(router_state& st, lane& l, std::int64_t seq) {
+  if (seq <= l.ack_seq)
+    return;
+  l.ack_seq = seq;
+  if (!l.pending_acks.empty() && l.pending_acks.back().second == st.next_msg_no)
+    l.pending_acks.back().first = seq;
+  else
+    l.pending_acks.emplace_back(seq, st.next_msg_no);
+}
+
 /// Pops acknowledged/expired entries from the front of the window; committed
 /// ones move the checkpoint to persist.
 void pop_done(router_actor* self, lane& l) {
   bool popped = false;
   while (!l.mem.empty() && l.mem.front().done) {
     if (l.mem.front().seq > 0)
-      l.ack_seq = std::max(l.ack_seq, l.mem.front().seq);
+      note_ack(self->state, l, l.mem.front().seq);
     if (l.mem.front().rm)
       l.mem_bytes -= static_cast<std::int64_t>(l.mem.front().rm->msg.encoded_size());
     l.mem.pop_front();
@@ -517,19 +565,32 @@ void after_commit(router_actor* self) {
       if (l->spilled && l->rcv->instance)
         refill(self, *l);
   }
+  // A checkpoint moves only as far as acknowledgements whose module's
+  // outputs (routed before them) are all stored or done.
+  const std::uint64_t resolved = first_unresolved(st);
   std::vector<lane_ack> acks, marks;
+  std::vector<std::pair<lane*, std::int64_t>> moves;
   for (auto& [key, l] : st.lanes) {
-    if (l->ack_seq > l->checkpoint)
-      acks.push_back({l->endpoint, l->priority, l->ack_seq});
+    std::int64_t movable = l->checkpoint;
+    for (const auto& [seq, horizon] : l->pending_acks)
+      if (horizon <= resolved)
+        movable = std::max(movable, seq);
+    if (movable > l->checkpoint) {
+      acks.push_back({l->endpoint, l->priority, movable});
+      moves.emplace_back(l.get(), movable);
+    }
     if (l->want_mark > l->mark)
       marks.push_back({l->endpoint, l->priority, l->want_mark});
   }
   if (!acks.empty() || !marks.empty()) {
     if (auto r = store.ack_many(acks, marks); r) {
-      for (auto& [key, l] : st.lanes) {
-        l->checkpoint = std::max(l->checkpoint, l->ack_seq);
-        l->mark = std::max(l->mark, l->want_mark);
+      for (auto& [l, movable] : moves) {
+        l->checkpoint = std::max(l->checkpoint, movable);
+        while (!l->pending_acks.empty() && l->pending_acks.front().first <= l->checkpoint)
+          l->pending_acks.pop_front();
       }
+      for (auto& [key, l] : st.lanes)
+        l->mark = std::max(l->mark, l->want_mark);
     } else {
       log_store_error(self, "moving checkpoints", r.err());
       schedule_flush(self, false);  // try again with the next commit
@@ -583,7 +644,7 @@ bool finish_commit(router_actor* self) {
       if (t.pos < l.front_pos) {
         // Acknowledged while its commit ran (windows pop in order, so every
         // earlier entry of the lane is done too).
-        l.ack_seq = std::max(l.ack_seq, seq);
+        note_ack(st, l, seq);
         l.read_cursor = std::max(l.read_cursor, seq);
         continue;
       }
@@ -621,28 +682,6 @@ bool finish_commit(router_actor* self) {
   st.inflight.reset();
   after_commit(self);
   return true;
-}
-
-/// What is still open of a message of the batch.
-struct open_state {
-  bool none = true;           ///< every target acknowledged (or expired): nothing to write
-  bool upstream_only = true;  ///< the open ones are all deliveries to $upstream under way
-};
-
-open_state open_targets(const router_state& st, const pending_msg& pm) {
-  open_state o;
-  for (std::size_t k = pm.first; k < pm.first + pm.count; ++k) {
-    const pending_target& t = st.targets[k];
-    if (t.in_mem && t.pos < t.l->front_pos)
-      continue;  // acknowledged and popped
-    const entry* e = t.in_mem ? &t.l->mem[t.pos - t.l->front_pos] : nullptr;
-    if (e != nullptr && e->done)
-      continue;
-    o.none = false;
-    if (e == nullptr || e->token == 0 || !t.l->rcv->is_upstream)
-      o.upstream_only = false;
-  }
-  return o;
 }
 
 /// Answers, in order, the waiting senders whose messages every target has
@@ -716,6 +755,9 @@ void flush(router_actor* self, bool all = true) {
   if (st.inflight && !finish_commit(self))
     return;  // the store is failing: retried on its timer
   const std::size_t cut = all ? st.batch.size() : commit_cut(st);
+  // The first message that stays (its senders, and those after it, wait for a
+  // later commit); taken before the batch is cut.
+  const std::uint64_t kept_from = cut < st.batch.size() ? st.batch[cut].no : st.next_msg_no;
   auto job = std::make_unique<commit_job>();
   job->flat.reserve(st.targets.size());
   for (std::size_t bi = 0; bi < cut; ++bi) {
@@ -749,7 +791,6 @@ void flush(router_actor* self, bool all = true) {
   }
   // The senders of the messages that go (or were acknowledged) are answered
   // by this commit; those of the held rest wait for a later one.
-  const std::uint64_t kept_from = cut < st.batch.size() ? st.batch[cut].no : st.next_msg_no;
   auto split = std::find_if(st.waiting.begin(), st.waiting.end(),
                             [&](const waiting_sender& w) { return w.msg_no >= kept_from; });
   for (auto it = st.waiting.begin(); it != split; ++it)

@@ -355,6 +355,40 @@ TEST_CASE("router: a sender whose message a module took is answered only once th
   CHECK(canopy::unit_test::query_int(f.db(), canopy::unit_test::count_stored_messages) >= 1);
 }
 
+TEST_CASE("router: a stored input's checkpoint moves only once what its module sent before acknowledging it "
+          "is stored (injected clock)") {
+  fixture f;
+  f.rc.commit_interval = 2ms;  // timed flushes (real time); ages on the manual clock
+  auto up = f.make_receiver("$upstream", false);  // never acknowledges
+  f.rc.upstream = up;
+  auto r = f.router();
+  f.set_routes(r, {rs(to_b), rs("FROM /messages/modules/b/* INTO $upstream")});
+  auto b = f.up(r, "b", false);
+  const auto stored = [&] {
+    return canopy::unit_test::query_int(f.db(), canopy::unit_test::count_stored_messages);
+  };
+  f.send(r, "a", "out", "in");
+  auto g = f.next();
+  f.clk.advance(10ms);  // "in" waited a whole commit interval: the next timed flush stores it
+  REQUIRE(wait_for([&] { return stored() == 1; }, 5000ms));
+  // b sends its output (young: it waits for a later commit), then
+  // acknowledges "in": the checkpoint that drops "in" must not move before
+  // "out" is stored, whatever the flushes that come meanwhile.
+  f.tell(b, atoms::route_msg::value, routed_message{message_builder{}.body("out").build(), "dev", "b", "o"});
+  f.tell(b, atoms::delivered::value, g.token, std::uint64_t{1});
+  CHECK(f.next().body == "out");
+  for (int i = 0; i < 20; ++i) {
+    CHECK(stored() >= 1);  // "in", or "out", or both: never neither
+    std::this_thread::sleep_for(5ms);
+  }
+  // Once "out" is stored (it waited its commit interval), the checkpoint
+  // moves past "in".
+  f.clk.advance(10ms);
+  CHECK(f.metrics(r).sent == 1);  // (stats commits what waits, then the checkpoint moves)
+  CHECK(f.store->checkpoint(ep_b, 0) > 0);
+  CHECK(stored() == 1);  // "out"
+}
+
 TEST_CASE("router: unacknowledged deliveries go again, in order, to the next instance") {
   fixture f;
   auto r = f.router();
