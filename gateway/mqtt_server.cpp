@@ -247,6 +247,7 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
     if (peer_.has_cert) {
       info.cert_cn = peer_.common_name;
       info.cert_thumbprint = peer_.thumbprint_sha256_hex;
+      info.cert_thumbprint_sha1 = peer_.thumbprint_sha1_hex;
       info.cert_chain_ok = peer_.chain_ok;
       info.cert_chain_error = peer_.chain_error;
     }

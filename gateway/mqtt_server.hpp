@@ -71,7 +71,8 @@ struct mqtt_connect_info {
   /// and SHA-256 thumbprint (uppercase hex); `cert_chain_ok` if it chains to
   /// the fleet's CA, else `cert_chain_error` says why not.
   std::string cert_cn;
-  std::string cert_thumbprint;
+  std::string cert_thumbprint;       ///< SHA-256
+  std::string cert_thumbprint_sha1;  ///< SHA-1 (Azure registries hold either)
   bool cert_chain_ok = false;
   std::string cert_chain_error;
 };

@@ -468,6 +468,7 @@ void tls_server_stream::record_peer() {
     peer_.has_cert = true;
     peer_.common_name = x509_text::common_name(X509_get_subject_name(cert));
     peer_.thumbprint_sha256_hex = x509_text::thumbprint_sha256(cert);
+    peer_.thumbprint_sha1_hex = x509_text::thumbprint_sha1(cert);
     ERR_clear_error();
     long result = SSL_get_verify_result(ssl_);
     if (verify_error_ != X509_V_OK)

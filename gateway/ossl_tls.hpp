@@ -61,6 +61,8 @@ struct tls_peer {
   /// SHA-256 of the client certificate's DER, uppercase hex (64 characters), as
   /// certs::thumbprint_sha256() gives it; "" without a certificate.
   std::string thumbprint_sha256_hex;
+  /// SHA-1 of the same, uppercase hex (40 characters); "" without a certificate.
+  std::string thumbprint_sha1_hex;
   /// The certificate chains to one of the context's CA certificates and every
   /// certificate of the chain is valid now (OpenSSL's usual checks, purpose
   /// "TLS client"). False without a certificate.

@@ -53,12 +53,25 @@ std::string common_name(const X509_NAME* name) {
   return out;
 }
 
-std::string thumbprint_sha256(const X509* cert) {
+namespace {
+
+/// `type` digest of `cert`'s DER as uppercase hex; "" if hashing fails.
+std::string digest_hex(const X509* cert, const EVP_MD* type) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
-  if (X509_digest(cert, EVP_sha256(), md, &len) != 1)
+  if (X509_digest(cert, type, md, &len) != 1)
     return "";
   return hex_upper(md, len);
+}
+
+}  // namespace
+
+std::string thumbprint_sha256(const X509* cert) {
+  return digest_hex(cert, EVP_sha256());
+}
+
+std::string thumbprint_sha1(const X509* cert) {
+  return digest_hex(cert, EVP_sha1());
 }
 
 std::string verify_error(int code, int depth, const X509* bad) {

@@ -19,6 +19,10 @@ std::string common_name(const X509_NAME* name);
 /// as Azure shows thumbprints; "" if hashing fails (OpenSSL's error queue says why).
 std::string thumbprint_sha256(const X509* cert);
 
+/// SHA-1 of `cert`'s DER as uppercase hex (40 characters): the other thumbprint
+/// Azure's registry accepts for self-signed device certificates; "" if hashing fails.
+std::string thumbprint_sha1(const X509* cert);
+
 /// OpenSSL's reason for verification error `code` about `bad` (the certificate at
 /// `depth` of the chain; may be null), with the date of an expired or not yet valid
 /// certificate and the CN of an issuer above the leaf: "certificate has expired

@@ -470,6 +470,7 @@ TEST_CASE("mqtt server: over TLS, mosquitto_pub connects with or without a clien
   CHECK(with_cert.cert_cn == "ok-x509");
   CHECK(with_cert.cert_chain_ok);
   CHECK(with_cert.cert_thumbprint.size() == 64);
+  CHECK(with_cert.cert_thumbprint_sha1.size() == 40);
   const auto& without = f.j->connects[1];
   CHECK(without.tls);
   CHECK(without.cert_cn.empty());
