@@ -11,6 +11,7 @@
 #include "gateway/link_rpc.hpp"  // text_of, call_safely, wait_idle, drain_posts
 #include "gateway/task_counter.hpp"
 #include "gateway/ossl_tls.hpp"
+#include "gateway/reply_bridge.hpp"
 
 #include <kj/async-io.h>
 #include <kj/debug.h>
@@ -39,22 +40,6 @@ std::string peer_address_of(kj::AuthenticatedStream& stream) {
   if (auto* id = dynamic_cast<kj::NetworkPeerIdentity*>(stream.peerIdentity.get()))
     return id->getAddress().toString().cStr();
   return "(unknown address)";
-}
-
-/// A promise on the I/O thread and a callback that fulfils it from any thread
-/// (make_bridge for answers that are not expected<T>). Dropping the callback
-/// unanswered rejects the promise.
-template <class T>
-struct plain_bridge {
-  kj::Promise<T> promise;
-  std::function<void(T)> callback;
-};
-
-template <class T>
-plain_bridge<T> make_plain_bridge() {
-  auto paf = kj::newPromiseAndCrossThreadFulfiller<T>();
-  auto fulfiller = std::make_shared<kj::Own<kj::CrossThreadPromiseFulfiller<T>>>(kj::mv(paf.fulfiller));
-  return {kj::mv(paf.promise), [fulfiller](T value) { (*fulfiller)->fulfill(kj::mv(value)); }};
 }
 
 const char* packet_name(const mqtt::packet& p) {
@@ -251,7 +236,7 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
       info.cert_chain_ok = peer_.chain_ok;
       info.cert_chain_error = peer_.chain_error;
     }
-    auto bridge = make_plain_bridge<std::variant<mqtt_accept, mqtt_refusal>>();
+    auto bridge = make_value_bridge<std::variant<mqtt_accept, mqtt_refusal>>();
     auto channel = std::make_shared<channel_impl>(shared_);
     call_safely("mqtt_host::connect", [&] {
       server_->host.connect(std::move(info), std::move(channel), std::move(bridge.callback));
@@ -382,7 +367,7 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
   void on_subscribe(mqtt::subscribe_packet&& s) {
     const auto id = s.packet_id;
     const auto n = s.subscriptions.size();
-    auto bridge = make_bridge_of<std::vector<std::uint8_t>>();
+    auto bridge = make_bridge<std::vector<std::uint8_t>>("subscribe", "the session");
     call_safely("mqtt_session::subscribe",
                 [&] { session_->subscribe(std::move(s.subscriptions), std::move(bridge.callback)); });
     tasks_.add(bridge.promise.then([this, id, n](expected<std::vector<std::uint8_t>> codes) {
@@ -398,7 +383,7 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
 
   void on_unsubscribe(mqtt::unsubscribe_packet&& u) {
     const auto id = u.packet_id;
-    auto bridge = make_bridge_of<void>();
+    auto bridge = make_bridge<void>("unsubscribe", "the session");
     call_safely("mqtt_session::unsubscribe",
                 [&] { session_->unsubscribe(std::move(u.filters), std::move(bridge.callback)); });
     tasks_.add(bridge.promise.then([this, id](expected<void>) {
@@ -406,12 +391,6 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
       ack.packet_id = id;
       write(mqtt::encode(mqtt::packet{ack}));
     }));
-  }
-
-  /// make_bridge for the session's reply_fn answers.
-  template <class T>
-  static plain_bridge<expected<T>> make_bridge_of() {
-    return make_plain_bridge<expected<T>>();
   }
 
   /// Hands the PUBLISHes gathered from one read to the session as one batch;
@@ -429,7 +408,7 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
     pending_qos1_ += entry.qos1;
     const std::uint64_t seq = next_batch_++;
     entry.seq = seq;
-    auto bridge = make_plain_bridge<std::vector<mqtt_publish_result>>();
+    auto bridge = make_value_bridge<std::vector<mqtt_publish_result>>();
     auto batch = std::move(gathering_);
     gathering_.clear();
     call_safely("mqtt_session::publish",

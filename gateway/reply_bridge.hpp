@@ -10,10 +10,29 @@
 
 #include <kj/async.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 
 namespace canopy {
+
+/// A promise on the I/O thread and a callback that fulfils it from any thread
+/// with any value. Dropping the callback unanswered rejects the promise (a
+/// kj exception); make_bridge turns that into an error.
+template <class T>
+struct value_bridge {
+  kj::Promise<T> promise;
+  std::function<void(T)> callback;  ///< call at most once, from any thread
+};
+
+/// On the I/O thread: see value_bridge. Costs one allocation for the shared fulfiller.
+template <class T>
+value_bridge<T> make_value_bridge() {
+  auto paf = kj::newPromiseAndCrossThreadFulfiller<T>();
+  // std::function needs a copyable functor: share the (move-only) fulfiller.
+  auto fulfiller = std::make_shared<kj::Own<kj::CrossThreadPromiseFulfiller<T>>>(kj::mv(paf.fulfiller));
+  return {kj::mv(paf.promise), [fulfiller](T value) { (*fulfiller)->fulfill(kj::mv(value)); }};
+}
 
 /// A promise on the I/O thread and the callback that resolves it from any thread.
 template <class T>
@@ -29,16 +48,12 @@ struct reply_bridge {
 /// without an answer". Costs one allocation for the shared fulfiller.
 template <class T>
 reply_bridge<T> make_bridge(const char* what, const char* who = "the node") {
-  auto paf = kj::newPromiseAndCrossThreadFulfiller<expected<T>>();
-  // std::function needs a copyable functor: share the (move-only) fulfiller.
-  auto fulfiller =
-    std::make_shared<kj::Own<kj::CrossThreadPromiseFulfiller<expected<T>>>>(kj::mv(paf.fulfiller));
-  auto promise = paf.promise.catch_(
+  auto bridge = make_value_bridge<expected<T>>();
+  auto promise = bridge.promise.catch_(
     [what = std::string(what), who = std::string(who)](kj::Exception&&) -> expected<T> {
       return make_error(errc::failed, what + ": " + who + " dropped the request without an answer");
     });
-  return {kj::mv(promise),
-          [fulfiller](expected<T> result) { (*fulfiller)->fulfill(kj::mv(result)); }};
+  return {kj::mv(promise), std::move(bridge.callback)};
 }
 
 }  // namespace canopy

@@ -567,7 +567,10 @@ void after_commit(router_actor* self) {
   }
   // A checkpoint moves only as far as acknowledgements whose module's
   // outputs (routed before them) are all stored or done.
-  const std::uint64_t resolved = first_unresolved(st);
+  // (The batch is scanned only when some checkpoint waits: not on every commit.)
+  const bool acks_wait = std::any_of(st.lanes.begin(), st.lanes.end(),
+                                     [](const auto& kv) { return !kv.second->pending_acks.empty(); });
+  const std::uint64_t resolved = acks_wait ? first_unresolved(st) : st.next_msg_no;
   std::vector<lane_ack> acks, marks;
   std::vector<std::pair<lane*, std::int64_t>> moves;
   for (auto& [key, l] : st.lanes) {
