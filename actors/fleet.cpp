@@ -456,8 +456,14 @@ void send_down(fleet_actor* self, twin_update u) {
   if (!next || !*next)
     return;  // not below us (anymore): nothing to carry
   auto it = st.children.find(**next);
-  if (it == st.children.end())
+  if (it == st.children.end()) {
+    // A leaf device of this node gets it over its MQTT session, if connected
+    // (otherwise it reads its twin when it connects).
+    if (**next == u.device && st.cfg.session_of)
+      if (auto session = st.cfg.session_of(u.device, u.module))
+        self->send(session, atoms::desired::value, std::move(u.json), u.version);
     return;  // offline: it gets the current twins when it connects
+  }
   auto device = u.device;
   it->second.channel->desired({std::move(u)}, [device](expected<void> r) {
     if (!r)
@@ -748,6 +754,25 @@ caf::behavior fleet_impl(fleet_actor* self, fleet_config cfg) {
         return;
       }
       auto it = st.children.find(*hop);
+      if (it == st.children.end() && *hop == device) {
+        // A leaf device (or its module) of this node, over MQTT.
+        auto session = st.cfg.session_of ? st.cfg.session_of(device, module) : caf::actor{};
+        if (!session) {
+          (*done)(make_error(errc::not_found, "device '" + device + "' is not connected to '" + st.cfg.node_id +
+                                                "'"));
+          return;
+        }
+        self->request(session, std::chrono::milliseconds{timeout_ms} + std::chrono::seconds{1}, atoms::invoke::value,
+                      module, method, payload, timeout_ms)
+          .then([done](method_reply& r) { (*done)(std::move(r)); },
+                [done, device](caf::error& err) {
+                  if (err == caf::sec::request_timeout)
+                    (*done)(make_error(errc::timeout, "method on '" + device + "' timed out"));
+                  else
+                    (*done)(make_error(errc::unavailable, "device '" + device + "': " + caf::to_string(err)));
+                });
+        return;
+      }
       if (it == st.children.end()) {
         (*done)(make_error(errc::unavailable, "'" + *hop + "' (on the way to '" + device + "') is not connected"));
         return;
@@ -1123,6 +1148,25 @@ void fleet_bridge::status(reply_fn<std::vector<fleet_node>> done) {
     }
     (*g)(std::move(out));
   });
+}
+
+void fleet_bridge::report_leaf(std::string device, std::string module, nlohmann::json patch,
+                               reply_fn<std::int64_t> done) {
+  run_task(*impl_, std::move(done),
+           [device = std::move(device), module = std::move(module), patch = std::move(patch)](fleet_actor* self,
+                                                                                              auto& g) {
+             auto& st = self->state;
+             auto r = st.cfg.registry->patch_reported(device, module, patch);
+             if (!r)
+               return (*g)(std::move(r).err());
+             (void)st.cfg.registry->touch_last_seen(device, st.cfg.clk->wall_ms());
+             const auto version = r->reported_version;
+             if (!st.cfg.hub) {
+               st.up_pending[{device, module}] = twin_update{device, module, r->reported.dump(), version, true};
+               flush_up(self);
+             }
+             (*g)(version);
+           });
 }
 
 void fleet_bridge::telemetry(std::string device, std::int64_t since_ms, std::int64_t after_seq, std::size_t limit,

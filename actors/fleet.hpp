@@ -77,6 +77,10 @@ struct fleet_config {
   std::chrono::milliseconds report_interval{1000};
   clock* clk = nullptr;
   std::shared_ptr<children_board> board;      ///< required
+  /// The MQTT session of a leaf device (module "") or of a module connected to
+  /// this node, or an invalid handle (actors/mqtt_head.hpp); may be empty.
+  /// Methods, C2D and desired properties for this node's leaf devices go there.
+  std::function<caf::actor(const std::string& device, const std::string& module)> session_of;
 };
 
 /// Spawns the fleet actor.
@@ -121,6 +125,12 @@ class fleet_bridge final : public link_host, public downstream_handler, public h
   void status(reply_fn<std::vector<fleet_node>> done) override;
   void telemetry(std::string device, std::int64_t since_ms, std::int64_t after_seq, std::size_t limit,
                  reply_fn<std::vector<telemetry_record>> done) override;
+
+  /// A leaf device connected to this node over MQTT patched its reported
+  /// properties (module "" for the device twin): merged into the registry
+  /// and, on a gateway, sent up the tree. Answers the new reported version.
+  void report_leaf(std::string device, std::string module, nlohmann::json patch,
+                   reply_fn<std::int64_t> done);
 
   struct impl;
 

@@ -2,6 +2,7 @@
 
 #include "actors/fleet.hpp"
 #include "actors/module_host.hpp"
+#include "actors/mqtt_head.hpp"
 #include "actors/process_host.hpp"
 #include "actors/parent_link.hpp"
 #include "actors/node_control_impl.hpp"
@@ -12,6 +13,8 @@
 #include "gateway/io_thread.hpp"
 #include "gateway/prometheus.hpp"
 #include "gateway/link.hpp"
+#include "gateway/mqtt_server.hpp"
+#include "gateway/ossl_tls.hpp"
 #include "gateway/tls.hpp"
 #include "runtime/agent.hpp"
 #include "runtime/atoms.hpp"
@@ -79,7 +82,7 @@ manifest_options options_for(plugin_loader& loader, std::string base_dir) {
 /// one; read by child start functions and the control bridge.
 struct node_handles {
   mutable std::mutex mtx;
-  caf::actor store, router, modules, agent, fleet, parent_link;
+  caf::actor store, router, modules, agent, fleet, parent_link, downstream;
 
   caf::actor get(caf::actor node_handles::*which) const {
     std::lock_guard<std::mutex> guard{mtx};
@@ -140,6 +143,14 @@ struct node::impl {
   std::unique_ptr<tls_config> tls_api;
   std::unique_ptr<http_server> metrics_http, api_http;
   std::string api_token;
+  // MQTT (issue 5).
+  std::unique_ptr<tls_server_context> tls_mqtt;
+  std::shared_ptr<mqtt_directory> mqtt_sessions = std::make_shared<mqtt_directory>();
+  std::shared_ptr<mqtt_module_keys> module_keys = std::make_shared<mqtt_module_keys>();
+  std::unique_ptr<mqtt_gateway> mqtt_host;
+  std::unique_ptr<mqtt_server> mqtt;
+  std::string mqtt_host_name;  ///< what process modules connect to
+  std::atomic<std::uint16_t> mqtt_port{0};
   std::shared_ptr<link_board> parent_board = std::make_shared<link_board>();
   std::shared_ptr<children_board> child_board = std::make_shared<children_board>();
   route_table default_routes;
@@ -216,14 +227,19 @@ expected<void> prepare_tree(node::impl& n) {
                                               "certificate names)");
   if (!o.api_listen.empty() && !hub)
     return make_error(errc::invalid_argument, "--api-listen: only the hub (--role hub) serves the operator API");
+  if (o.mqtt_plain && o.mqtt_listen.empty())
+    return make_error(errc::invalid_argument, "--mqtt-plain: give --mqtt-listen HOST:PORT too");
+  if (o.hub_host.empty())
+    o.hub_host = o.device_id;
   const bool links = !o.link_listen.empty() || !o.parent_address.empty() || !o.api_listen.empty();
-  if (!hub && !links)
+  const bool mqtt_tls = !o.mqtt_listen.empty() && !o.mqtt_plain;
+  if (!hub && !links && o.mqtt_listen.empty())
     return {};
   auto reg = fleet_registry::open(o.data_dir, o.device_id, n.clk);
   if (!reg)
     return std::move(reg).err();
   n.registry = std::move(*reg);
-  if (!links)
+  if (!links && !mqtt_tls)
     return {};
   if (!o.certs_dir.empty()) {
     auto dir = fs::path{o.certs_dir};
@@ -232,9 +248,19 @@ expected<void> prepare_tree(node::impl& n) {
     if (o.ca_path.empty()) o.ca_path = (dir / "ca.crt").string();
   }
   if (o.cert_path.empty() || o.key_path.empty() || o.ca_path.empty())
-    return make_error(errc::invalid_argument, "links need a certificate: give --certs DIR, or --cert, --key "
-                                              "and --ca (create them with `canopyctl certs`)");
+    return make_error(errc::invalid_argument,
+                      std::string{links ? "links" : "--mqtt-listen (TLS)"} +
+                        " need a certificate: give --certs DIR, or --cert, --key and --ca (create them with "
+                        "`canopyctl certs`)" + (links ? "" : "; or --mqtt-plain for plain TCP"));
   tls_files files{o.cert_path, o.key_path, o.ca_path};
+  if (mqtt_tls) {
+    auto t = tls_server_context::load(files);
+    if (!t) {
+      auto err = std::move(t).err();
+      return make_error(err.code, "--mqtt-listen: " + err.message);
+    }
+    n.tls_mqtt = std::move(*t);
+  }
   if (!o.link_listen.empty()) {
     auto t = tls_config::load(files, tls_role::server_verify_clients);
     if (!t)
@@ -334,6 +360,45 @@ expected<void> start_metrics(node::impl& n) {
     return make_error(err.code, "--metrics-listen " + n.opts.metrics_listen + ": " + err.message);
   }
   spdlog::info("metrics: http://{}/metrics (port {})", n.opts.metrics_listen, n.metrics_http->port());
+  return {};
+}
+
+/// Serves MQTT (issue 5) on --mqtt-listen: TLS with the node's certificate,
+/// or plain TCP with --mqtt-plain.
+expected<void> start_mqtt(node::impl& n, std::shared_ptr<agent_memory> memory) {
+  auto* hp = &n.handles;
+  mqtt_head_config hc;
+  hc.node_id = n.opts.device_id;
+  hc.hub_host = n.opts.hub_host;
+  hc.clk = &n.clk;
+  hc.fleet = n.bridge.get();
+  hc.router = [hp] { return hp->get(&node_handles::router); };
+  hc.agent = [hp] { return hp->get(&node_handles::agent); };
+  hc.downstream = [hp] { return hp->get(&node_handles::downstream); };
+  hc.directory = n.mqtt_sessions;
+  hc.keys = n.module_keys;
+  hc.memory = std::move(memory);
+  n.mqtt_host = std::make_unique<mqtt_gateway>(*n.sys, std::move(hc));
+  mqtt_server_options mo;
+  mo.listen = n.opts.mqtt_listen;
+  mo.tls = n.tls_mqtt.get();
+  n.mqtt = std::make_unique<mqtt_server>(std::move(mo), *n.mqtt_host);
+  if (auto r = n.mqtt->start(*n.io); !r) {
+    auto err = std::move(r).err();
+    return make_error(err.code, "--mqtt-listen " + n.opts.mqtt_listen + ": " + err.message);
+  }
+  n.mqtt_port = n.mqtt->port();
+  // Process modules connect to the address it listens on (any address: loopback).
+  auto host = n.opts.mqtt_listen.substr(0, n.opts.mqtt_listen.rfind(':'));
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
+  if (host.empty() || host == "0.0.0.0" || host == "*")
+    host = "127.0.0.1";
+  else if (host == "::")
+    host = "::1";
+  n.mqtt_host_name = host;
+  spdlog::info("mqtt: leaf devices and process modules on {} (port {}, {}); SAS tokens for host '{}'",
+               n.opts.mqtt_listen, n.mqtt->port(), n.opts.mqtt_plain ? "plain TCP" : "TLS", n.opts.hub_host);
   return {};
 }
 
@@ -548,10 +613,21 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
     ac.make_child = [hp, np, memory](const module_spec& m, caf::actor agent) -> expected<child_spec> {
       // A process module gets its connection variables at every (re)start.
       if (m.type == "process")
-        return process_child_spec(m, np->logs->module_logger(m.name), &np->clk, [np](const std::string& module) {
-          return std::map<std::string, std::string>{{"CANOPY_DEVICE_ID", np->opts.device_id},
-                                                    {"CANOPY_MODULE_ID", module}};
-        });
+        return process_child_spec(
+          m, np->logs->module_logger(m.name), &np->clk,
+          [np](const std::string& module) {
+            std::map<std::string, std::string> env{{"CANOPY_DEVICE_ID", np->opts.device_id},
+                                                   {"CANOPY_MODULE_ID", module}};
+            if (np->mqtt) {
+              // Where and as whom it connects: a fresh token at every start.
+              auto more = mqtt_module_env(np->opts.device_id, module, np->opts.hub_host, np->mqtt_host_name,
+                                          np->mqtt_port.load(), !np->opts.mqtt_plain, np->opts.ca_path,
+                                          *np->module_keys, np->clk.wall_ms() / 1000);
+              env.insert(more.begin(), more.end());
+            }
+            return env;
+          },
+          [np](const std::string& module) { return np->mqtt_sessions->find(np->opts.device_id, module); });
       auto type = np->loader->load(m.library, m.library_path);
       if (!type)
         return std::move(type).err();
@@ -586,7 +662,7 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
     [hp] { return hp->get(&node_handles::router); }, *n.logs, *n.loader);
   const bool network = !n.opts.socket_path.empty() || !n.opts.link_listen.empty() ||
                        !n.opts.parent_address.empty() || !n.opts.metrics_listen.empty() ||
-                       !n.opts.api_listen.empty();
+                       !n.opts.api_listen.empty() || !n.opts.mqtt_listen.empty();
   if (network) {
     n.io = std::make_unique<io_thread>();
     if (auto r = n.io->start(); !r)
@@ -639,6 +715,11 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
     }
     spdlog::info("accepting child gateways on {} (port {})", n.opts.link_listen, n.links->port());
   }
+  // Leaf devices and process modules; until the tree runs they are told to
+  // try again (the fleet is not there yet).
+  if (!n.opts.mqtt_listen.empty())
+    if (auto r = start_mqtt(n, memory); !r)
+      return std::move(r).err();
   // 6. The tree.
   root_cfg.children = {store_child, router_child, agent_child, modules_child};
   if (n.registry) {
@@ -666,11 +747,30 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
       };
       fc.clk = &np->clk;
       fc.board = np->child_board;
+      fc.session_of = [np](const std::string& device, const std::string& module) {
+        return np->mqtt_sessions->find(device, module);
+      };
       auto a = spawn_fleet(sys, std::move(fc));
       hp->set(&node_handles::fleet, a);
       return a;
     };
     root_cfg.children.push_back(fleet_child);
+  }
+  if (n.mqtt) {
+    // downstream (one_for_one) └── one temporary session actor per MQTT client
+    child_spec downstream_child;
+    downstream_child.id = "downstream";
+    downstream_child.start = [hp, np](caf::actor_system& sys) {
+      supervisor_config dc;
+      dc.name = "downstream";
+      dc.strategy = supervision_strategy::one_for_one;
+      dc.intensity = restart_intensity{100000, std::chrono::seconds{1}};
+      dc.clk = &np->clk;
+      auto a = spawn_supervisor(sys, std::move(dc));
+      hp->set(&node_handles::downstream, a);
+      return a;
+    };
+    root_cfg.children.push_back(downstream_child);
   }
   if (n.uplink_client) {
     // upstream (one_for_one) └── the parent link
@@ -738,6 +838,8 @@ void node::stop() {
     n.metrics_http->stop();
   if (n.links)
     n.links->stop();
+  if (n.mqtt)
+    n.mqtt->stop();
   if (n.uplink_client)
     n.uplink_client->stop();
   if (n.io)

@@ -57,6 +57,15 @@ struct node_options {
   /// The API's bearer token; created (random, mode 0600) if missing.
   /// Default: DATA/api-token.
   std::string api_token_file;
+
+  // --- Leaf devices and process modules over MQTT (issue 5) ---
+  /// Serve MQTT 3.1.1 (Azure IoT Hub's device protocol) on "host:port"; ""
+  /// = none. TLS with this node's certificate, unless `mqtt_plain`.
+  std::string mqtt_listen;
+  /// Plain TCP instead of TLS on mqtt_listen (loopback development, benchmarks).
+  bool mqtt_plain = false;
+  /// The host name SAS tokens are signed for; "" = this node's device id.
+  std::string hub_host;
 };
 
 /// A running node.

@@ -555,14 +555,29 @@ caf::behavior process_host_impl(process_actor* self, process_host_config cfg) {
       if (auto sender = caf::actor_cast<caf::actor>(self->current_sender()))
         self->send(sender, atoms::health_pong::value, seq);
     },
-    [self](atoms::method, const std::string& method, const std::string&) -> caf::result<int, std::string> {
-      return {503, nlohmann::json{{"error", "method '" + method + "': process module '" + self->state.cfg.name
+    [self](atoms::method, const std::string& method, const std::string& payload) -> caf::result<int, std::string> {
+      // A process module takes its direct methods over its MQTT connection.
+      auto& st = self->state;
+      if (auto session = st.cfg.session_of ? st.cfg.session_of(st.cfg.name) : caf::actor{}) {
+        auto rp = self->make_response_promise<int, std::string>();
+        self->request(session, caf::infinite, atoms::method::value, method, payload)
+          .then([rp](int status, std::string& body) mutable { rp.deliver(status, std::move(body)); },
+                [rp](caf::error& err) mutable {
+                  rp.deliver(503, nlohmann::json{{"error", caf::to_string(err)}}.dump());
+                });
+        return rp;
+      }
+      return {503, nlohmann::json{{"error", "method '" + method + "': process module '" + st.cfg.name
                                               + "' takes direct methods over its MQTT connection, and it "
-                                                "has none"}}
+                                                "is not connected"}}
                      .dump()};
     },
-    [](atoms::desired, const std::string&, bool) {
-      // A process module reads its twin over MQTT.
+    [self](atoms::desired, const std::string& doc, bool complete) {
+      // Passed on to its MQTT session as a desired patch; a module that is not
+      // connected reads its twin when it connects.
+      auto& st = self->state;
+      if (auto session = st.cfg.session_of ? st.cfg.session_of(st.cfg.name) : caf::actor{})
+        self->send(session, atoms::desired::value, doc, complete);
     },
     [](atoms::input, const std::string&, const message&, std::uint64_t) {
       // Never announced to the router, so nothing is delivered here; if
@@ -589,7 +604,8 @@ process_host_config process_host_config_for(const module_spec& m) {
 }
 
 child_spec process_child_spec(const module_spec& m, std::shared_ptr<spdlog::logger> logger,
-                              clock* clk, process_env_provider runtime_env) {
+                              clock* clk, process_env_provider runtime_env,
+                              std::function<caf::actor(const std::string& module)> session_of) {
   auto spec = module_child_spec(m);
   // The supervisor kills an instance that takes longer than this to stop;
   // the host needs its grace, then a moment to reap.
@@ -598,6 +614,7 @@ child_spec process_child_spec(const module_spec& m, std::shared_ptr<spdlog::logg
   pc.logger = std::move(logger);
   pc.clk = clk;
   pc.runtime_env = std::move(runtime_env);
+  pc.session_of = std::move(session_of);
   spec.start = [pc](caf::actor_system& sys) { return spawn_process_host(sys, pc); };
   return spec;
 }

@@ -91,6 +91,10 @@ struct process_host_config {
   clock* clk = nullptr;                    ///< schedules the SIGKILL; required, must outlive the actor
   std::shared_ptr<spdlog::logger> logger;  ///< the module's logger; required
   std::size_t max_line_bytes = 16 * 1024;  ///< longer output lines are split
+  /// The module's MQTT session (actors/mqtt_head.hpp) if it is connected, else
+  /// an invalid handle; may be empty. Direct methods and desired properties
+  /// for the module go there.
+  std::function<caf::actor(const std::string& module)> session_of;
 };
 
 /// Spawns a process host, which starts the process at once (see above).
@@ -106,7 +110,8 @@ process_host_config process_host_config_for(const module_spec& m);
 /// host its stop grace plus 5 s to reap the process, and a start function
 /// that spawns a process host with `logger`, `clk` and `runtime_env`.
 child_spec process_child_spec(const module_spec& m, std::shared_ptr<spdlog::logger> logger,
-                              clock* clk, process_env_provider runtime_env);
+                              clock* clk, process_env_provider runtime_env,
+                              std::function<caf::actor(const std::string& module)> session_of = {});
 
 /// The environment of a process module, as "NAME=value" strings sorted by
 /// name: PATH from the node (`inherited_path`, if not empty), then the

@@ -516,6 +516,30 @@ struct method_call {
   std::chrono::milliseconds timeout{30000};
 };
 
+/// A cloud-to-device message (POST /devices/{d}/messages/devicebound): the
+/// c2d_method payload, checked field by field.
+expected<std::string> parse_c2d_message(const json& doc) {
+  if (auto ok = check_keys(doc, {"body", "bodyBase64", "properties", "messageId", "correlationId", "contentType",
+                                 "contentEncoding"});
+      !ok)
+    return ok.err();
+  if (doc.contains("body") && doc.contains("bodyBase64"))
+    return bad("body, bodyBase64: give one of them");
+  for (const char* key : {"body", "bodyBase64", "messageId", "correlationId", "contentType", "contentEncoding"})
+    if (auto it = doc.find(key); it != doc.end() && !it->is_string())
+      return bad(std::string(key) + ": must be a string, got " + it->type_name());
+  if (auto it = doc.find("bodyBase64"); it != doc.end() && !iothub::base64_decode(it->get<std::string>()))
+    return bad("bodyBase64: not base64");
+  if (auto it = doc.find("properties"); it != doc.end()) {
+    if (!it->is_object())
+      return bad(std::string("properties: must be an object of strings, got ") + it->type_name());
+    for (auto& [k, v] : it->items())
+      if (!v.is_string())
+        return bad("properties." + k + ": must be a string, got " + v.type_name());
+  }
+  return doc.dump();
+}
+
 expected<method_call> parse_method_call(const json& doc) {
   if (auto ok = check_keys(
         doc, {"methodName", "payload", "responseTimeoutInSeconds", "connectTimeoutInSeconds"});
@@ -532,6 +556,8 @@ expected<method_call> parse_method_call(const json& doc) {
                   [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; })) {
     return bad("methodName: must not contain control characters");
   }
+  if (name->front() == '$')
+    return bad("methodName: names starting with '$' are reserved");
   call.method = std::move(*name);
   auto payload = doc.find("payload");
   call.payload_json = payload == doc.end() ? "null" : payload->dump();
@@ -714,15 +740,32 @@ void devices_routes(route_table& routes, hub_control& hub) {
                  hub.device_set_tags(std::move(*id), std::move(*tags),
                                      answer<device_record>(std::move(reply), 200, device_json));
                }));
-  // POST /devices/{device}/modules/{module}/methods: a direct method (Azure's invoke API).
+  // POST /devices/{device}/modules/{module}/methods: a direct method (Azure's invoke API);
+  // POST /devices/{device}/methods: a method of the device itself (a leaf device over MQTT);
+  // POST /devices/{device}/messages/devicebound: a cloud-to-device message.
   routes.route("POST", "/devices/", guarded([&hub](http_request& req, reply_t& reply) {
                  auto seg = segments_after(req.path, "/devices/");
-                 if (seg.size() != 4 || seg[1] != "modules" || seg[3] != "methods")
+                 const bool device_method = seg.size() == 2 && seg[1] == "methods";
+                 const bool c2d = seg.size() == 3 && seg[1] == "messages" && seg[2] == "devicebound";
+                 if (!device_method && !c2d && (seg.size() != 4 || seg[1] != "modules" || seg[3] != "methods"))
                    return reply(no_such_resource(req));
                  auto device = path_device(seg[0]);
                  if (!device)
                    return reply(error_response(device.err()));
-                 auto module = path_module(seg[2]);
+                 if (c2d) {
+                   auto doc = parse_object(req.body);
+                   if (!doc)
+                     return reply(error_response(doc.err()));
+                   auto msg = parse_c2d_message(*doc);
+                   if (!msg)
+                     return reply(error_response(msg.err()));
+                   hub.invoke(std::move(*device), "", c2d_method, std::move(*msg), std::chrono::seconds{30},
+                              answer<method_reply>(std::move(reply), 200, [](const method_reply& r) {
+                                return json{{"status", r.status}, {"payload", json_or_text(r.payload_json)}};
+                              }));
+                   return;
+                 }
+                 auto module = device_method ? expected<std::string>{std::string{}} : path_module(seg[2]);
                  if (!module)
                    return reply(error_response(module.err()));
                  auto doc = parse_object(req.body);

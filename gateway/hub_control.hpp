@@ -48,6 +48,15 @@ struct telemetry_record {
   message msg;
 };
 
+/// The reserved method name that carries a cloud-to-device message down the
+/// tree, hop by hop like a direct method, to the node its device is connected
+/// to (actors/mqtt_head.hpp). Its payload is the message as JSON: "body" (text)
+/// or "bodyBase64", "properties" (an object of strings), "messageId",
+/// "correlationId", "contentType", "contentEncoding". The answer: 200 once the
+/// device acknowledged it, 202 if it waits in the device's session. Method
+/// names that users give may not start with '$'.
+inline constexpr const char* c2d_method = "$c2d";
+
 class hub_control {
  public:
   virtual ~hub_control() = default;

@@ -150,8 +150,15 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
 
   /// Sends a PUBLISH from the session.
   void send_publish(const mqtt::publish_packet& p) {
-    if (closing_ || session_ == nullptr)
+    if (closing_)
       return;
+    if (session_ == nullptr) {
+      // The session may send before its CONNACK is out (a resumed session
+      // with messages waiting): they follow the CONNACK.
+      if (early_.size() < server_->options.limits.max_pending_publishes)
+        early_.push_back(p);
+      return;
+    }
     write(mqtt::encode(mqtt::packet{p}));
   }
 
@@ -243,7 +250,7 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
     });
     return bridge.promise.then([this](std::variant<mqtt_accept, mqtt_refusal> answer) -> kj::Promise<void> {
       if (auto* refused = std::get_if<mqtt_refusal>(&answer)) {
-        spdlog::warn("mqtt: refused client {}: {}", who(), refused->reason);
+        spdlog::debug("mqtt: refused client {}: {}", who(), refused->reason);  // the host logs why
         set_reason("refused: " + refused->reason);
         mqtt::connack_packet ack;
         ack.return_code = refused->code;
@@ -263,6 +270,8 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
       ack.session_present = accepted.session_present;
       ack.return_code = mqtt::connack_code::accepted;
       write(mqtt::encode(mqtt::packet{ack}));
+      for (auto& p : std::exchange(early_, {}))
+        write(mqtt::encode(mqtt::packet{p}));
       // Packets the client sent right behind CONNECT are already read.
       if (!drain_reader())
         return kj::READY_NOW;
@@ -402,8 +411,7 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
     entry.ids.reserve(gathering_.size());
     for (const auto& p : gathering_) {
       entry.ids.push_back(p.qos == 1 ? p.packet_id : 0);
-      if (p.qos == 1)
-        ++entry.qos1;
+      ++entry.qos1;  // every publish counts against the limit: QoS 0 ones wait for the session too
     }
     pending_qos1_ += entry.qos1;
     const std::uint64_t seq = next_batch_++;
@@ -500,7 +508,7 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
   struct pending_batch {
     std::uint64_t seq = 0;
     std::vector<std::uint16_t> ids;  // 0 = QoS 0 (no PUBACK)
-    std::size_t qos1 = 0;
+    std::size_t qos1 = 0;  // publishes (QoS 0 and 1) in this batch
     bool ready = false;
     std::vector<mqtt_publish_result> results;
   };
@@ -528,6 +536,7 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
   std::size_t pending_qos1_ = 0;
   std::uint64_t next_batch_ = 1;
   std::string out_;
+  std::vector<mqtt::publish_packet> early_;  // sent by the session before its CONNACK
   bool writing_ = false;
   kj::TaskSet tasks_;  // last: its tasks use the members above
 };

@@ -43,8 +43,8 @@ struct mqtt_limits {
   std::size_t max_connections = 20000;  ///< concurrent clients
   /// From TCP accept until CONNECT has arrived (and, with TLS, the handshake).
   std::chrono::milliseconds connect_timeout{10000};
-  /// QoS 1 publishes of one client not yet answered by its session; the
-  /// server stops reading from that client while it has this many.
+  /// Publishes (QoS 0 and 1) of one client not yet answered by its session;
+  /// the server stops reading from that client while it has this many.
   std::size_t max_pending_publishes = 4096;
   /// Bytes written to one client and not yet taken by the kernel; a client
   /// that reads nothing is disconnected beyond it.

@@ -55,6 +55,12 @@ int main(int argc, char** argv) {
   run->add_option("--parent-id", opts.parent_id, "The parent's device id (its certificate must name it)");
   run->add_option("--metrics-listen", opts.metrics_listen, "Serve Prometheus metrics on http://HOST:PORT/metrics");
   run->add_option("--api-listen", opts.api_listen, "Hub: serve the operator REST API on https://HOST:PORT");
+  run->add_option("--mqtt-listen", opts.mqtt_listen,
+                  "Serve leaf devices and process modules over MQTT (Azure IoT Hub's protocol) on HOST:PORT "
+                  "(TLS with this node's certificate; 8883 is MQTT's TLS port)");
+  run->add_flag("--mqtt-plain", opts.mqtt_plain, "Plain TCP instead of TLS on --mqtt-listen (loopback development)");
+  run->add_option("--hub-host", opts.hub_host,
+                  "The host name devices sign SAS tokens for (default: this node's device id)");
   run->add_option("--api-token-file", opts.api_token_file,
                   "Hub: the REST API's bearer token (created if missing; default DATA/api-token)");
   unsigned stop_timeout = 60;

@@ -726,6 +726,11 @@ struct fleet_cli {
   std::string invoke_device;
   std::string method;
   std::string payload;
+  // c2d DEVICE BODY
+  CLI::App* c2d = nullptr;
+  std::string c2d_body;
+  std::vector<std::string> c2d_properties;
+  std::string c2d_message_id;
   // status, telemetry, monitor --hub
   CLI::App* status = nullptr;
   CLI::App* telemetry = nullptr;
@@ -741,7 +746,7 @@ struct fleet_cli {
 
   /// True if the command line asks the hub rather than the local node.
   bool selected() const {
-    return device->parsed() || deployment->parsed() || status->parsed() || telemetry->parsed() ||
+    return device->parsed() || deployment->parsed() || status->parsed() || telemetry->parsed() || c2d->parsed() ||
            twin_show->parsed() || twin_patch->parsed() || (invoke->parsed() && !invoke_device.empty()) ||
            monitor_on_hub();
   }
@@ -825,6 +830,13 @@ void add_fleet_commands(CLI::App& app, fleet_cli& f, CLI::App* twin, CLI::App* i
   invoke->add_option("--module", f.module, "with --device: the module (or MODULE)");
   invoke->add_option("--method", f.method, "with --device: the method (or METHOD)");
   invoke->add_option("--payload", f.payload, "with --device: the payload, JSON (or JSON; default {})");
+
+  f.c2d = app.add_subcommand("c2d", "send a cloud-to-device message to a leaf device, through the hub");
+  f.c2d->add_option("DEVICE", f.id, "the device (connected over MQTT to its gateway)")->required();
+  f.c2d->add_option("BODY", f.c2d_body, "the message body")->required();
+  f.c2d->add_option("--property", f.c2d_properties, "application property key=value (repeatable)")
+      ->allow_extra_args(false);
+  f.c2d->add_option("--message-id", f.c2d_message_id, "the message id (default: a random one)");
 
   f.status = app.add_subcommand("status", "the fleet at the hub: every node, its deployment and modules");
   f.status->add_flag("--json", f.as_json, "machine-readable output");
@@ -1156,8 +1168,8 @@ int cmd_hub_invoke(hub_client& hub, const fleet_cli& f, double timeout_secs) {
   std::string method = !f.method.empty() ? f.method : positional(f.invoke, "METHOD");
   std::string payload = !f.payload.empty() ? f.payload : positional(f.invoke, "JSON");
   if (payload.empty()) payload = "{}";
-  if (module.empty() || method.empty()) {
-    std::cerr << "canopyctl: invoke --device: give --module M and --method NAME\n";
+  if (method.empty()) {
+    std::cerr << "canopyctl: invoke --device: give --method NAME (and --module M for a module's method)\n";
     return exit_usage;
   }
   auto doc = nlohmann::json::parse(payload, nullptr, false);
@@ -1166,11 +1178,36 @@ int cmd_hub_invoke(hub_client& hub, const fleet_cli& f, double timeout_secs) {
     return exit_usage;
   }
   nlohmann::json body{{"methodName", method}, {"payload", doc}, {"responseTimeoutInSeconds", timeout_secs}};
-  auto path = "/devices/" + hub_client::escape(f.invoke_device) + "/modules/" + hub_client::escape(module) + "/methods";
+  // No module: a method of the device itself (a leaf device connected over MQTT).
+  auto path = "/devices/" + hub_client::escape(f.invoke_device) +
+              (module.empty() ? std::string{} : "/modules/" + hub_client::escape(module)) + "/methods";
   // The hub answers a method's timeout itself; give it a little longer.
   auto wait = std::chrono::milliseconds(static_cast<std::int64_t>(timeout_secs * 1000) + 10000);
   auto reply = hub.request("POST", path, body, wait);
   if (!reply) return hub_failed(hub, "invoke", reply.err());
+  auto status = json_int(*reply, "status");
+  auto answer = reply->contains("payload") ? (*reply)["payload"] : nlohmann::json();
+  std::cout << "status: " << status << "\n" << (answer.is_string() ? answer.get<std::string>() : json_text(answer)) << "\n";
+  return status >= 200 && status < 300 ? exit_ok : exit_failed;
+}
+
+/// `c2d DEVICE BODY [--property k=v]...`: a cloud-to-device message.
+int cmd_c2d(hub_client& hub, const fleet_cli& f) {
+  nlohmann::json body{{"body", f.c2d_body}};
+  nlohmann::json props = nlohmann::json::object();
+  for (const auto& kv : f.c2d_properties) {
+    auto eq = kv.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      std::cerr << "canopyctl: c2d: --property wants key=value, got '" << kv << "'\n";
+      return exit_usage;
+    }
+    props[kv.substr(0, eq)] = kv.substr(eq + 1);
+  }
+  if (!props.empty()) body["properties"] = props;
+  if (!f.c2d_message_id.empty()) body["messageId"] = f.c2d_message_id;
+  auto reply = hub.request("POST", "/devices/" + hub_client::escape(f.id) + "/messages/devicebound", body,
+                           std::chrono::seconds{40});
+  if (!reply) return hub_failed(hub, "c2d", reply.err());
   auto status = json_int(*reply, "status");
   auto answer = reply->contains("payload") ? (*reply)["payload"] : nlohmann::json();
   std::cout << "status: " << status << "\n" << (answer.is_string() ? answer.get<std::string>() : json_text(answer)) << "\n";
@@ -1321,6 +1358,7 @@ int run_fleet(const fleet_cli& f, double invoke_timeout, std::size_t monitor_cou
   if (f.twin_show->parsed() || f.twin_patch->parsed()) return cmd_hub_twin(*hub, f);
   if (f.invoke->parsed()) return cmd_hub_invoke(*hub, f, invoke_timeout);
   if (f.status->parsed()) return cmd_status(*hub, f);
+  if (f.c2d->parsed()) return cmd_c2d(*hub, f);
   if (f.telemetry->parsed()) return cmd_telemetry(*hub, f);
   if (f.monitor->parsed()) return cmd_hub_monitor(*hub, f, monitor_count, monitor_timeout);
   return exit_usage;
