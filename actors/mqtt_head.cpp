@@ -164,6 +164,7 @@ struct closed_call {
 struct attach_call {
   std::uint64_t conn = 0;
   std::shared_ptr<mqtt_channel> channel;
+  std::optional<mqtt::will_message> will;
 };
 /// The twin a leaf device was last given (from a GET answered off the actor).
 struct desired_seen {
@@ -251,6 +252,8 @@ struct session_state {
   std::optional<json> known_desired;  ///< the desired properties the client has seen
   std::int64_t module_desired_version = 0;
   std::int64_t module_reported_version = 0;
+  /// The connection's Will: sent as telemetry if it ends without DISCONNECT.
+  std::optional<mqtt::will_message> will;
 
   static inline const char* name = "mqtt_session";
 };
@@ -568,9 +571,34 @@ void handle_publish(session_actor* self, publish_call& c) {
           });
 }
 
-caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, iothub::client_identity who,
-                           bool persistent, std::shared_ptr<mqtt_channel> channel, std::uint64_t conn) {
+/// The connection ended without DISCONNECT: its Will, if any, goes out as
+/// telemetry with iothub-MessageType=Will (as IoT Hub does).
+void send_will(session_actor* self) {
   auto& st = self->state;
+  auto will = std::exchange(st.will, std::nullopt);
+  if (!will)
+    return;
+  auto in = iothub::parse_publish_topic(will->topic, st.who);
+  if (!in || (in->kind != iothub::inbound_kind::telemetry && in->kind != iothub::inbound_kind::module_output)) {
+    log_refusal(self, "will to '" + will->topic + "' not sent: " +
+                        (in ? std::string{"a will must go to the client's telemetry topic"} : in.err().message));
+    return;
+  }
+  auto b = message_builder::from(iothub::build_message(*in, st.who, will->payload));
+  b.property("iothub-MessageType", "Will");
+  auto router = st.env->cfg.router ? st.env->cfg.router() : caf::actor{};
+  if (!router)
+    return;
+  std::vector<routed_message> batch;
+  batch.push_back(routed_message{b.build(), st.who.device_id, st.who.module_id, in->output});
+  self->send(router, atoms::inject::value, std::move(batch));
+}
+
+caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, iothub::client_identity who,
+                           bool persistent, std::shared_ptr<mqtt_channel> channel, std::uint64_t conn,
+                           std::optional<mqtt::will_message> will) {
+  auto& st = self->state;
+  st.will = std::move(will);
   st.env = std::move(env);
   st.who = std::move(who);
   st.client_id = st.who.to_string();
@@ -643,6 +671,10 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
       if (c.conn != st.conn)
         return;
       st.connected = false;
+      if (c.clean)
+        st.will.reset();
+      else
+        send_will(self);
       drop_methods(self, "'" + st.client_id + "' disconnected");
       if (!st.persistent) {
         self->quit();
@@ -666,6 +698,7 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
       drop_methods(self, "'" + st.client_id + "' reconnected");
       st.channel = std::move(c.channel);
       st.conn = c.conn;
+      st.will = std::move(c.will);
       st.connected = true;
       *st.last_channel = st.channel;
       pump(self);
@@ -798,13 +831,13 @@ struct mqtt_gateway::impl : std::enable_shared_from_this<mqtt_gateway::impl> {
       if (auto old = cfg.directory->find_persistent(client_id)) {
         // Resume: the session actor takes the new connection. (If it ends
         // in this very moment, the client's calls fail and it reconnects.)
-        caf::anon_send(old, attach_call{info.connection_id, channel});
+        caf::anon_send(old, attach_call{info.connection_id, channel, info.packet.will});
         spdlog::info("mqtt: client '{}' connected ({}), session resumed", client_id, id.auth);
         done(mqtt_accept{std::make_shared<session_proxy>(old, info.connection_id), true});
         return;
       }
     }
-    auto session = sys.spawn(session_impl, env, id.who, persistent, channel, info.connection_id);
+    auto session = sys.spawn(session_impl, env, id.who, persistent, channel, info.connection_id, info.packet.will);
     auto dir = cfg.directory;
     auto downstream = cfg.downstream ? cfg.downstream() : caf::actor{};
     const auto child_id = client_id + "#" + std::to_string(info.connection_id);

@@ -21,6 +21,7 @@
 #include <netinet/tcp.h>
 
 #include <atomic>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <utility>
@@ -78,6 +79,46 @@ struct mqtt_server::impl {
 namespace {
 
 /// The way to one client, from any thread: posts to the I/O thread.
+/// A stream that first gives back bytes already read from `inner` (the byte
+/// the server looked at to tell TLS from plain MQTT), then reads on from it.
+class replay_stream final : public kj::AsyncIoStream {
+ public:
+  replay_stream(kj::Own<kj::AsyncIoStream> inner, std::string prefix)
+      : inner_(kj::mv(inner)), prefix_(std::move(prefix)) {}
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t min_bytes, size_t max_bytes) override {
+    if (pos_ >= prefix_.size())
+      return inner_->tryRead(buffer, min_bytes, max_bytes);
+    const size_t n = std::min(max_bytes, prefix_.size() - pos_);
+    std::memcpy(buffer, prefix_.data() + pos_, n);
+    pos_ += n;
+    if (n >= min_bytes)
+      return n;
+    return inner_->tryRead(static_cast<kj::byte*>(buffer) + n, min_bytes - n, max_bytes - n)
+      .then([n](size_t m) { return n + m; });
+  }
+  kj::Promise<void> write(const void* buffer, size_t size) override { return inner_->write(buffer, size); }
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    return inner_->write(pieces);
+  }
+  kj::Promise<void> whenWriteDisconnected() override { return inner_->whenWriteDisconnected(); }
+  void shutdownWrite() override { inner_->shutdownWrite(); }
+  void abortRead() override { inner_->abortRead(); }
+  void getsockopt(int level, int option, void* value, kj::uint* length) override {
+    inner_->getsockopt(level, option, value, length);
+  }
+  void setsockopt(int level, int option, const void* value, kj::uint length) override {
+    inner_->setsockopt(level, option, value, length);
+  }
+  void getsockname(struct sockaddr* addr, kj::uint* length) override { inner_->getsockname(addr, length); }
+  void getpeername(struct sockaddr* addr, kj::uint* length) override { inner_->getpeername(addr, length); }
+
+ private:
+  kj::Own<kj::AsyncIoStream> inner_;
+  std::string prefix_;
+  size_t pos_ = 0;
+};
+
 class channel_impl final : public mqtt_channel {
  public:
   explicit channel_impl(std::shared_ptr<connection_shared> shared) : shared_(std::move(shared)) {}
@@ -186,14 +227,28 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
       stream_ = kj::mv(raw_.stream);
       return read_connect();
     }
-    const auto limit = server_->options.limits.connect_timeout;
-    return server_->options.tls->accept(kj::mv(raw_.stream), timer_, limit.count() * kj::MILLISECONDS)
-      .then([this](kj::Own<tls_server_stream> tls) {
-        tls_ = true;
-        peer_ = tls->peer();
-        stream_ = kj::mv(tls);
+    // The first byte tells a TLS ClientHello (0x16) from a plain MQTT
+    // CONNECT (0x10): a client that forgot TLS is told so by name.
+    return raw_.stream->tryRead(&first_byte_, 1, 1).then([this](size_t n) -> kj::Promise<void> {
+      if (n == 0) {
+        set_reason("the client closed the connection before CONNECT");
+        return kj::READY_NOW;
+      }
+      auto replay = kj::heap<replay_stream>(kj::mv(raw_.stream), std::string(1, static_cast<char>(first_byte_)));
+      if (first_byte_ == 0x10) {
+        plain_on_tls_ = true;
+        stream_ = kj::mv(replay);
         return read_connect();
-      });
+      }
+      const auto limit = server_->options.limits.connect_timeout;
+      return server_->options.tls->accept(kj::mv(replay), timer_, limit.count() * kj::MILLISECONDS)
+        .then([this](kj::Own<tls_server_stream> tls) {
+          tls_ = true;
+          peer_ = tls->peer();
+          stream_ = kj::mv(tls);
+          return read_connect();
+        });
+    });
   }
 
   /// Reads until the first packet, which must be CONNECT.
@@ -230,6 +285,19 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
 
   kj::Promise<void> on_connect(mqtt::connect_packet packet) {
     client_id_ = packet.client_id;
+    if (plain_on_tls_) {
+      // Refused before the host sees anything: its credentials crossed the
+      // network in clear text.
+      const std::string reason = "plain TCP on the TLS port: this node serves MQTT over TLS only (connect with "
+                                 "TLS, e.g. mosquitto_pub --cafile CA)";
+      spdlog::warn("mqtt: client '{}' refused: {} (from {})", client_id_, reason, address_);
+      set_reason("refused: " + reason);
+      mqtt::connack_packet ack;
+      ack.return_code = mqtt::connack_code::not_authorized;
+      auto data = kj::heap<std::string>(mqtt::encode(mqtt::packet{ack}));
+      auto& d = *data;
+      return stream_->write(d.data(), d.size()).attach(kj::mv(data));
+    }
     keep_alive_s_ = packet.keep_alive_s;
     mqtt_connect_info info;
     info.connection_id = shared_->id;
@@ -537,6 +605,8 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
   std::uint64_t next_batch_ = 1;
   std::string out_;
   std::vector<mqtt::publish_packet> early_;  // sent by the session before its CONNACK
+  kj::byte first_byte_ = 0;                  // TLS port: the connection's first byte
+  bool plain_on_tls_ = false;                // ... was a plain CONNECT
   bool writing_ = false;
   kj::TaskSet tasks_;  // last: its tasks use the members above
 };

@@ -457,12 +457,14 @@ TEST_CASE("mqtt server: over TLS, mosquitto_pub connects with or without a clien
   };
   CHECK(run("--cert " + cert + " --key " + key + " -i ok-x509 -t devices/ok-x509/messages/events/") == 0);
   CHECK(run("-i ok-sas -u hub/ok-sas/?api-version=2021-04-12 -P token -t devices/ok-sas/messages/events/") == 0);
-  // Plain MQTT on the TLS port gets nowhere.
+  // Plain MQTT on the TLS port is refused (CONNACK 5) before the host
+  // sees it, and the connection closes.
   test_client plain{f.port()};
   mqtt::connect_packet c;
   c.client_id = "ok-plain";
   plain.send(mqtt::packet{c});
-  CHECK_FALSE(plain.next(1s).has_value());
+  CHECK(plain.expect<mqtt::connack_packet>().return_code == mqtt::connack_code::not_authorized);
+  CHECK(plain.closed_by_server());
   std::lock_guard<std::mutex> lock{f.j->mtx};
   REQUIRE(f.j->connects.size() == 2);
   const auto& with_cert = f.j->connects[0];
