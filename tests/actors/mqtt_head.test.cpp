@@ -18,6 +18,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace canopy;
@@ -280,8 +281,40 @@ TEST_CASE_METHOD(head_fixture, "mqtt head: a process module's session routes, ac
     (*self)->monitor(instance);
     session->closed("the client closed the connection", true);
     (*self)->receive([](const caf::down_msg&) {});
+    // The entry goes in the actor's cleanup, which may finish just after the down message.
+    for (int i = 0; i < 500 && directory->find("gw", "mod1"); ++i)
+      std::this_thread::sleep_for(10ms);
     CHECK_FALSE(directory->find("gw", "mod1"));
   }
+}
+
+TEST_CASE_METHOD(head_fixture, "mqtt head: a Will goes out as telemetry only when the connection ends without "
+                               "DISCONNECT", "[mqtt_head]") {
+  const auto key = keys->key_for("mod1");
+  auto info = module_connect("mod1", key);
+  info.packet.will = mqtt::will_message{"devices/gw/modules/mod1/messages/events/%24.on=status", "gone", 1, false};
+  auto channel = std::make_shared<recording_channel>();
+  auto answer = connect(info, channel);
+  REQUIRE(std::holds_alternative<mqtt_accept>(answer));
+  auto session = std::get<mqtt_accept>(answer).session;
+  caf::actor instance;
+  (*self)->receive([&](atoms::module_up, const std::string&, const caf::actor& a) { instance = a; });
+  (*self)->monitor(instance);
+  const bool clean = GENERATE(false, true);
+  session->closed(clean ? "DISCONNECT" : "the connection was reset", clean);
+  bool will_sent = false;
+  // The router passes the inject on; it may arrive before or after the down message.
+  for (int i = 0; i < 2; ++i)
+    (*self)->receive(
+      [&](atoms::inject, const std::vector<routed_message>& batch) {
+        REQUIRE(batch.size() == 1);
+        CHECK(batch[0].output == "status");
+        CHECK(batch[0].msg.body() == "gone");
+        CHECK(batch[0].msg.property("iothub-MessageType") == std::optional<std::string_view>{"Will"});
+        will_sent = true;
+      },
+      [&](const caf::down_msg&) {}, caf::after(clean ? 300ms : 5s) >> [] {});
+  CHECK(will_sent == !clean);
 }
 
 TEST_CASE_METHOD(head_fixture, "mqtt head: who may connect as a module", "[mqtt_head]") {
