@@ -826,8 +826,10 @@ void add_fleet_commands(CLI::App& app, fleet_cli& f, CLI::App* twin, CLI::App* i
   f.invoke = invoke;
   invoke->get_option("MODULE")->required(false);
   invoke->get_option("METHOD")->required(false);
-  invoke->add_option("--device", f.invoke_device, "call the module on this node of the fleet, through the hub");
-  invoke->add_option("--module", f.module, "with --device: the module (or MODULE)");
+  invoke->add_option("--device", f.invoke_device,
+                     "call a method of this device or node of the fleet (with --module: of its module), through "
+                     "the hub");
+  invoke->add_option("--module", f.module, "with --device: the module (or MODULE; none = the device itself)");
   invoke->add_option("--method", f.method, "with --device: the method (or METHOD)");
   invoke->add_option("--payload", f.payload, "with --device: the payload, JSON (or JSON; default {})");
 
@@ -1373,7 +1375,7 @@ int check_local_usage(const fleet_cli& f) {
   }
   if (f.invoke->parsed() && (f.invoke->get_option("MODULE")->count() == 0 ||
                              f.invoke->get_option("METHOD")->count() == 0)) {
-    std::cerr << "canopyctl: invoke: give MODULE METHOD (this node), or --device D --module M --method NAME "
+    std::cerr << "canopyctl: invoke: give MODULE METHOD (this node), or --device D [--module M] --method NAME "
                  "(the hub)\n";
     return exit_usage;
   }
