@@ -276,6 +276,15 @@ std::vector<std::pair<std::string, nlohmann::json>> own_reported(fleet_actor* se
     for (auto& [id, l] : st.cfg.board->children)
       children[id] = {{"connected", l.up}, {"lastChangeMs", l.last_change_ms}};
   }
+  // Leaf devices over MQTT: the first 256 by id (a twin document is at most
+  // 32 KiB), and how many there are.
+  std::size_t leaves = 0;
+  if (st.cfg.leaf_devices) {
+    auto ids = st.cfg.leaf_devices();
+    leaves = ids.size();
+    for (std::size_t i = 0; i < ids.size() && i < 256; ++i)
+      children[ids[i]] = {{"connected", true}, {"protocol", "mqtt"}};
+  }
   const bool failed = st.applied_status == "failed";
   nlohmann::json agent = {
     {"schemaVersion", "1.1"},
@@ -284,6 +293,8 @@ std::vector<std::pair<std::string, nlohmann::json>> own_reported(fleet_actor* se
     {"lastDesiredStatus", {{"code", failed ? 400 : 200}, {"description", st.applied_detail}}},
     {"modules", std::move(modules)},
     {"children", std::move(children)}};
+  if (leaves > 0)
+    agent["mqttDevicesConnected"] = leaves;
   out.emplace_back("$edgeAgent", std::move(agent));
   return out;
 }

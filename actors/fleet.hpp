@@ -81,6 +81,9 @@ struct fleet_config {
   /// this node, or an invalid handle (actors/mqtt_head.hpp); may be empty.
   /// Methods, C2D and desired properties for this node's leaf devices go there.
   std::function<caf::actor(const std::string& device, const std::string& module)> session_of;
+  /// The leaf devices connected to this node over MQTT now (reported with the
+  /// child links in `$edgeAgent` "children"); may be empty.
+  std::function<std::vector<std::string>()> leaf_devices;
 };
 
 /// Spawns the fleet actor.

@@ -55,6 +55,22 @@ void mqtt_directory::erase(const std::string& client_id, const caf::actor& sessi
     sessions_.erase(it);
 }
 
+void mqtt_directory::set_connected(const std::string& client_id, const caf::actor& session, bool connected) {
+  std::lock_guard<std::mutex> lock{mtx_};
+  auto it = sessions_.find(client_id);
+  if (it != sessions_.end() && it->second.session == session)
+    it->second.connected = connected;
+}
+
+std::vector<std::string> mqtt_directory::connected_devices() const {
+  std::lock_guard<std::mutex> lock{mtx_};
+  std::vector<std::string> out;
+  for (auto& [id, e] : sessions_)
+    if (e.connected && id.find('/') == std::string::npos)
+      out.push_back(id);
+  return out;
+}
+
 std::size_t mqtt_directory::size() const {
   std::lock_guard<std::mutex> lock{mtx_};
   return sessions_.size();
@@ -671,6 +687,7 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
       if (c.conn != st.conn)
         return;
       st.connected = false;
+      st.env->cfg.directory->set_connected(st.client_id, caf::actor_cast<caf::actor>(self), false);
       if (c.clean)
         st.will.reset();
       else
@@ -700,6 +717,7 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
       st.conn = c.conn;
       st.will = std::move(c.will);
       st.connected = true;
+      st.env->cfg.directory->set_connected(st.client_id, caf::actor_cast<caf::actor>(self), true);
       *st.last_channel = st.channel;
       pump(self);
     },

@@ -45,6 +45,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace canopy {
 
@@ -68,12 +69,17 @@ class mqtt_directory {
   void erase(const std::string& client_id, const caf::actor& session);
   /// Sessions registered now (connected or persistent and waiting).
   std::size_t size() const;
+  /// Marks `client_id`'s session (if it is still `session`) connected or not.
+  void set_connected(const std::string& client_id, const caf::actor& session, bool connected);
+  /// The leaf devices (not modules) connected now, sorted.
+  std::vector<std::string> connected_devices() const;
 
  private:
   mutable std::mutex mtx_;
   struct entry {
     caf::actor session;
     bool persistent = false;
+    bool connected = true;
   };
   std::map<std::string, entry> sessions_;
 };

@@ -750,6 +750,7 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
       fc.session_of = [np](const std::string& device, const std::string& module) {
         return np->mqtt_sessions->find(device, module);
       };
+      fc.leaf_devices = [np] { return np->mqtt_sessions->connected_devices(); };
       auto a = spawn_fleet(sys, std::move(fc));
       hp->set(&node_handles::fleet, a);
       return a;

@@ -571,8 +571,22 @@ TEST_CASE("a direct method invoked at the hub is answered by the leaf device ove
   CHECK(at(answer, "/request") == nlohmann::json{{"x", 1}});
   CHECK(at(event_of(server.output(), "method"), "/name") == "echo");
 
+  // The hub's fleet status shows it connected (gw-a reports its MQTT devices).
+  auto leaf_connected = [&](bool want) {
+    auto st = hub.ctl({"status", "--json"});
+    auto doc = nlohmann::json::parse(st.output, nullptr, false);
+    if (!doc.is_array())
+      return false;
+    for (auto& n : doc)
+      if (n.value("deviceId", "") == "leaf1")
+        return n.value("connected", !want) == want;
+    return false;
+  };
+  CHECK(f.explain(wait_until([&] { return leaf_connected(true); }, 20s, 250ms), "status: leaf1 connected"));
+
   // Gone: the method fails at once, "not connected".
   server.kill();
+  CHECK(f.explain(wait_until([&] { return leaf_connected(false); }, 20s, 250ms), "status: leaf1 not connected"));
   run_result gone;
   bool not_found = wait_until(
     [&] {
