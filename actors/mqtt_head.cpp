@@ -9,6 +9,7 @@
 #include "runtime/clock.hpp"
 #include "runtime/router.hpp"
 #include "runtime/send_later.hpp"
+#include "runtime/session_store.hpp"
 #include "runtime/supervisor.hpp"
 
 #include <caf/all.hpp>
@@ -46,6 +47,17 @@ caf::actor mqtt_directory::put(const std::string& client_id, caf::actor session,
   auto old = std::exchange(slot.session, std::move(session));
   slot.persistent = persistent;
   return old;
+}
+
+bool mqtt_directory::put_restored(const std::string& client_id, caf::actor session) {
+  std::lock_guard<std::mutex> lock{mtx_};
+  auto [it, inserted] = sessions_.try_emplace(client_id);
+  if (!inserted)
+    return false;
+  it->second.session = std::move(session);
+  it->second.persistent = true;
+  it->second.connected = false;
+  return true;
 }
 
 void mqtt_directory::erase(const std::string& client_id, const caf::actor& session) {
@@ -247,6 +259,7 @@ struct outbound {
   std::uint64_t token = 0;       ///< module input: the router's delivery token
   bool input = false;
   std::function<void()> on_ack;  ///< C2D: answers the sender once acknowledged
+  std::int64_t stored_seq = 0;   ///< kept in the session store under this seq (0: not)
 };
 
 struct session_state {
@@ -275,6 +288,18 @@ struct session_state {
 };
 
 using session_actor = caf::stateful_actor<session_state>;
+
+/// The session store if this session is kept on disk.
+mqtt_session_store* stored(session_state& st) {
+  return st.persistent ? st.env->cfg.sessions.get() : nullptr;
+}
+
+std::uint32_t subscription_mask(const std::set<iothub::subscription>& subs) {
+  std::uint32_t mask = 0;
+  for (auto s : subs)
+    mask |= 1u << static_cast<unsigned>(s);
+  return mask;
+}
 
 void log_refusal(session_actor* self, const std::string& what) {
   spdlog::warn("mqtt: client '{}': {}", self->state.client_id, what);
@@ -507,6 +532,12 @@ method_reply c2d(session_actor* self, const std::string& payload, std::function<
   o.packet.topic = iothub::c2d_topic(st.who.device_id, m);
   o.packet.payload = std::string{m.body()};
   o.needs = iothub::subscription::c2d;
+  if (auto* store = stored(st)) {
+    auto seq = store->add_message(st.client_id, o.packet.topic, o.packet.payload);
+    if (!seq)
+      return method_reply{503, json{{"error", "cannot keep the message: " + seq.err().message}}.dump()};
+    o.stored_seq = *seq;
+  }
   const bool now = st.connected && st.subs.count(iothub::subscription::c2d);
   if (now) {
     answered_later = true;
@@ -612,16 +643,30 @@ void send_will(session_actor* self) {
 
 caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, iothub::client_identity who,
                            bool persistent, std::shared_ptr<mqtt_channel> channel, std::uint64_t conn,
-                           std::optional<mqtt::will_message> will) {
+                           std::optional<mqtt::will_message> will, std::shared_ptr<stored_session> restored) {
   auto& st = self->state;
   st.will = std::move(will);
+  if (restored) {
+    // Brought back from disk: disconnected until its client returns.
+    for (unsigned i = 0; i < 32; ++i)
+      if (restored->subscriptions & (1u << i))
+        st.subs.insert(static_cast<iothub::subscription>(i));
+    for (auto& m : restored->messages) {
+      outbound o;
+      o.packet.topic = std::move(m.topic);
+      o.packet.payload = std::move(m.payload);
+      o.needs = iothub::subscription::c2d;
+      o.stored_seq = m.seq;
+      st.queued.push_back(std::move(o));
+    }
+  }
   st.env = std::move(env);
   st.who = std::move(who);
   st.client_id = st.who.to_string();
   st.persistent = persistent;
   st.channel = std::move(channel);
   st.conn = conn;
-  st.connected = true;
+  st.connected = st.channel != nullptr;
   // Whatever ends this actor ends its connection.
   st.last_channel = std::make_shared<std::shared_ptr<mqtt_channel>>(st.channel);
   self->attach_functor([cell = st.last_channel](const caf::error& reason) {
@@ -654,6 +699,9 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
         st.subs.insert(*kind);
         codes.push_back(f.qos >= 1 ? 1 : 0);
       }
+      if (auto* store = stored(st))
+        if (auto ok = store->save(st.client_id, subscription_mask(st.subs)); !ok)
+          spdlog::error("mqtt: client '{}': subscriptions not kept: {}", st.client_id, ok.err().message);
       (*c.done)(std::move(codes));
       pump(self);
     },
@@ -664,6 +712,9 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
       for (auto& f : c.filters)
         if (auto kind = iothub::check_subscription(f, st.who))
           st.subs.erase(*kind);
+      if (auto* store = stored(st))
+        if (auto ok = store->save(st.client_id, subscription_mask(st.subs)); !ok)
+          spdlog::error("mqtt: client '{}': subscriptions not kept: {}", st.client_id, ok.err().message);
       (*c.done)(expected<void>{});
     },
     [self](acked_call& c) {
@@ -679,6 +730,10 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
         if (auto router = st.env->cfg.router ? st.env->cfg.router() : caf::actor{})
           self->send(router, atoms::delivered::value, st.who.module_id, o.token);
       }
+      if (o.stored_seq != 0)
+        if (auto* store = stored(st))
+          if (auto ok = store->remove_message(st.client_id, o.stored_seq); !ok)
+            spdlog::error("mqtt: client '{}': acknowledged message not removed: {}", st.client_id, ok.err().message);
       if (o.on_ack)
         o.on_ack();
     },
@@ -839,6 +894,27 @@ struct mqtt_gateway::impl : std::enable_shared_from_this<mqtt_gateway::impl> {
     done(std::move(r));
   }
 
+  /// Makes `session` a temporary child `child_id` of `downstream`; when it
+  /// ends it leaves the directory and the supervisor.
+  void supervise(const caf::actor& session, const std::string& client_id, const std::string& child_id,
+                 const caf::actor& downstream) {
+    auto dir = env->cfg.directory;
+    session->attach_functor([dir, client_id, downstream, child_id,
+                             weak = caf::actor_cast<caf::weak_actor_ptr>(session)](const caf::error&) {
+      if (auto self = caf::actor_cast<caf::actor>(weak.lock()))
+        dir->erase(client_id, self);
+      if (downstream)
+        caf::anon_send(downstream, atoms::remove_child::value, child_id);
+    });
+    if (downstream) {
+      child_spec spec;
+      spec.id = child_id;
+      spec.restart = restart_type::temporary;
+      spec.start = [session](caf::actor_system&) { return session; };
+      caf::anon_send(downstream, atoms::add_child::value, std::move(spec));
+    }
+  }
+
   /// Authenticated: makes (or resumes) the client's session.
   void accept(const mqtt_connect_info& info, const mqtt_identity& id, std::shared_ptr<mqtt_channel> channel,
               const done_fn& done) {
@@ -855,27 +931,19 @@ struct mqtt_gateway::impl : std::enable_shared_from_this<mqtt_gateway::impl> {
         return;
       }
     }
-    auto session = sys.spawn(session_impl, env, id.who, persistent, channel, info.connection_id, info.packet.will);
-    auto dir = cfg.directory;
+    if (!id.who.is_module() && cfg.sessions) {
+      // A clean session ends a persistent one; a persistent one is kept.
+      auto ok = persistent ? cfg.sessions->save(client_id, 0) : cfg.sessions->drop(client_id);
+      if (!ok)
+        spdlog::error("mqtt: client '{}': session store: {}", client_id, ok.err().message);
+    }
+    auto session = sys.spawn(session_impl, env, id.who, persistent, channel, info.connection_id, info.packet.will,
+                             std::shared_ptr<stored_session>{});
     auto downstream = cfg.downstream ? cfg.downstream() : caf::actor{};
-    const auto child_id = client_id + "#" + std::to_string(info.connection_id);
-    session->attach_functor([dir, client_id, session_addr = session.address(), downstream, child_id,
-                             weak = caf::actor_cast<caf::weak_actor_ptr>(session)](const caf::error&) {
-      if (auto self = caf::actor_cast<caf::actor>(weak.lock()))
-        dir->erase(client_id, self);
-      if (downstream)
-        caf::anon_send(downstream, atoms::remove_child::value, child_id);
-    });
+    supervise(session, client_id, client_id + "#" + std::to_string(info.connection_id), downstream);
     if (auto old = cfg.directory->put(client_id, session, persistent)) {
       // Another connection of the same client: it goes (as IoT Hub does).
       caf::anon_send_exit(old, caf::exit_reason::user_shutdown);
-    }
-    if (downstream) {
-      child_spec spec;
-      spec.id = child_id;
-      spec.restart = restart_type::temporary;
-      spec.start = [session](caf::actor_system&) { return session; };
-      caf::anon_send(downstream, atoms::add_child::value, std::move(spec));
     }
     spdlog::info("mqtt: client '{}' connected ({}{})", client_id, id.auth, persistent ? ", persistent session" : "");
     done(mqtt_accept{std::make_shared<session_proxy>(session, info.connection_id), false});
@@ -886,6 +954,35 @@ mqtt_gateway::mqtt_gateway(caf::actor_system& sys, mqtt_head_config cfg)
     : impl_(std::make_shared<impl>(sys, std::move(cfg))) {}
 
 mqtt_gateway::~mqtt_gateway() = default;
+
+void mqtt_gateway::restore_sessions(const caf::actor& downstream) {
+  auto& cfg = impl_->env->cfg;
+  if (!cfg.sessions)
+    return;
+  auto all = cfg.sessions->load_all();
+  if (!all) {
+    spdlog::error("mqtt: persistent sessions not restored: {}", all.err().message);
+    return;
+  }
+  std::size_t n = 0;
+  for (auto& s : *all) {
+    auto who = iothub::parse_client_id(s.client_id);
+    if (!who || who->is_module())
+      continue;
+    auto restored = std::make_shared<stored_session>(std::move(s));
+    auto session = impl_->sys.spawn(session_impl, impl_->env, *who, true, std::shared_ptr<mqtt_channel>{},
+                                    std::uint64_t{0}, std::optional<mqtt::will_message>{}, restored);
+    if (!cfg.directory->put_restored(restored->client_id, session)) {
+      // Its client connected already (and resumed or replaced it).
+      caf::anon_send_exit(session, caf::exit_reason::user_shutdown);
+      continue;
+    }
+    impl_->supervise(session, restored->client_id, restored->client_id + "#restored", downstream);
+    ++n;
+  }
+  if (n > 0)
+    spdlog::info("mqtt: {} persistent session(s) restored", n);
+}
 
 void mqtt_gateway::connect(mqtt_connect_info info, std::shared_ptr<mqtt_channel> channel,
                            std::function<void(std::variant<mqtt_accept, mqtt_refusal>)> done) {

@@ -29,7 +29,8 @@
 // A persistent session (clean_session = 0, leaf devices) outlives its
 // connection: its subscriptions and the QoS 1 messages not yet acknowledged
 // (C2D) wait in the actor until the client comes back (CONNACK session
-// present). Sessions are kept in memory: a node restart ends them.
+// present). With a session store (runtime/session_store.hpp) they are kept
+// on disk too, and a restarted node brings them back.
 #pragma once
 
 #include "gateway/hub_control.hpp"  // c2d_method
@@ -51,6 +52,7 @@ namespace canopy {
 
 class clock;
 class fleet_bridge;
+class mqtt_session_store;
 struct agent_memory;
 
 /// The sessions of the node's MQTT clients by client id ("dev" or
@@ -65,6 +67,9 @@ class mqtt_directory {
   caf::actor find_persistent(const std::string& client_id) const;
   /// Registers `session` for `client_id`; returns the one it replaces (or invalid).
   caf::actor put(const std::string& client_id, caf::actor session, bool persistent);
+  /// Registers a restored, disconnected persistent session unless `client_id`
+  /// already has one; true if it did.
+  bool put_restored(const std::string& client_id, caf::actor session);
   /// Removes `client_id` if it still maps to `session`.
   void erase(const std::string& client_id, const caf::actor& session);
   /// Sessions registered now (connected or persistent and waiting).
@@ -111,6 +116,8 @@ struct mqtt_head_config {
   std::shared_ptr<agent_memory> memory;    ///< process modules' twins
   std::shared_ptr<mqtt_directory> directory;  ///< required
   std::shared_ptr<mqtt_module_keys> keys;     ///< required
+  /// Persistent sessions on disk (null: they live in memory only).
+  std::shared_ptr<mqtt_session_store> sessions;
   /// Most QoS 1 messages (C2D) one session keeps for a client that is away or
   /// has not subscribed (IoT Hub's per-device C2D queue depth is 50).
   std::size_t max_queued = 50;
@@ -124,6 +131,10 @@ class mqtt_gateway final : public mqtt_host {
 
   void connect(mqtt_connect_info info, std::shared_ptr<mqtt_channel> channel,
                std::function<void(std::variant<mqtt_accept, mqtt_refusal>)> done) override;
+
+  /// Brings back the persistent sessions kept on disk, disconnected, as
+  /// children of `downstream` (at node start, and when downstream restarts).
+  void restore_sessions(const caf::actor& downstream);
 
   struct impl;
 

@@ -22,6 +22,7 @@
 #include "runtime/manifest.hpp"
 #include "runtime/message_store.hpp"
 #include "runtime/registry.hpp"
+#include "runtime/session_store.hpp"
 #include "runtime/router.hpp"
 #include "runtime/store.hpp"
 #include "runtime/store_actor.hpp"
@@ -378,6 +379,10 @@ expected<void> start_mqtt(node::impl& n, std::shared_ptr<agent_memory> memory) {
   hc.directory = n.mqtt_sessions;
   hc.keys = n.module_keys;
   hc.memory = std::move(memory);
+  auto sessions = mqtt_session_store::open(n.opts.data_dir);
+  if (!sessions)
+    return std::move(sessions).err();
+  hc.sessions = std::move(*sessions);
   n.mqtt_host = std::make_unique<mqtt_gateway>(*n.sys, std::move(hc));
   mqtt_server_options mo;
   mo.listen = n.opts.mqtt_listen;
@@ -769,6 +774,8 @@ expected<std::unique_ptr<node>> node::start(node_options opts) {
       dc.clk = &np->clk;
       auto a = spawn_supervisor(sys, std::move(dc));
       hp->set(&node_handles::downstream, a);
+      // Persistent sessions come back from disk, waiting for their clients.
+      np->mqtt_host->restore_sessions(a);
       return a;
     };
     root_cfg.children.push_back(downstream_child);

@@ -829,13 +829,19 @@ TEST_CASE("QoS 1 messages PUBACKed by a gateway survive its kill -9 and reach th
   start_mqtt_gateway(gw, "gw-b", certs, hub.link_port, ep.port);
   REQUIRE(wait_until([&] { return link_up(gw, "parent", "hub"); }, 30s, 100ms));
   REQUIRE(wait_admitted(paths, ep, "leaf6", leaf6_key));
+  // A persistent session subscribes to C2D and leaves: it must outlive the kill -9 below.
+  auto subscribed = run(device_argv(paths, ep, "leaf6", {"--key", leaf6_key, "--persistent"},
+                                    {"c2d", "--count", "0"}),
+                        30s);
+  INFO(subscribed.output);
+  REQUIRE(subscribed.exit_code == 0);
 
   // The hub goes away: the gateway admits from its cached scope and keeps what it acknowledges.
   REQUIRE(hub.node.stop().value_or(-1) == 0);
   REQUIRE(wait_until([&] { return !link_up(gw, "parent", "hub"); }, 30s, 100ms));
   constexpr int total = 300;
   auto sent =
-    run(device_argv(paths, ep, "leaf6", {"--key", leaf6_key, "--timeout", "60"},
+    run(device_argv(paths, ep, "leaf6", {"--key", leaf6_key, "--timeout", "60", "--persistent"},
                     {"telemetry", "--count", std::to_string(total), "--mid-prefix", "k-"}),
         90s);
   INFO(sent.output);
@@ -890,6 +896,19 @@ TEST_CASE("QoS 1 messages PUBACKed by a gateway survive its kill -9 and reach th
       in_order = false;
   }
   CHECK(in_order);
+
+  // The persistent session came back from disk: a C2D message sent while the
+  // device is away waits in it, and the device gets it without subscribing again.
+  auto c2d = hub.ctl({"c2d", "leaf6", "after the crash"});
+  INFO(c2d.output);
+  CHECK(c2d.output.find("status: 202") != std::string::npos);
+  auto back = run(device_argv(paths, ep, "leaf6", {"--key", leaf6_key, "--persistent", "--timeout", "30"},
+                              {"c2d", "--count", "1", "--no-subscribe"}),
+                  40s);
+  INFO(back.output);
+  REQUIRE(back.exit_code == 0);
+  CHECK(at(event_of(back.output, "connack"), "/session_present") == true);
+  CHECK(at(event_of(back.output, "c2d"), "/body") == "after the crash");
   CHECK(gw.stop().value_or(-1) == 0);
   CHECK(hub.node.stop().value_or(-1) == 0);
 }
