@@ -33,9 +33,13 @@ using link_rpc::text_of;
 
 namespace {
 
-/// Bytes asked of the socket per read. Held by every connection while it
-/// waits for its client, so small: a packet larger than this takes several reads.
+/// Bytes asked of the socket per read. The buffer is held while a connection
+/// waits for its client, so an idle one keeps a small buffer: it grows to
+/// `read_chunk` when a read fills it (a busy client) and shrinks back after
+/// `shrink_after` reads in a row that the small one would have held.
 constexpr std::size_t read_chunk = 4096;
+constexpr std::size_t read_chunk_idle = 256;
+constexpr int shrink_after = 8;
 
 std::string peer_address_of(kj::AuthenticatedStream& stream) {
   if (auto* id = dynamic_cast<kj::NetworkPeerIdentity*>(stream.peerIdentity.get()))
@@ -383,10 +387,19 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
   /// Reads once into the frame reader; resolves to the bytes read (0 = end).
   kj::Promise<std::size_t> read_some() {
     if (buffer_ == nullptr)
-      buffer_ = kj::heapArray<kj::byte>(read_chunk);
+      buffer_ = kj::heapArray<kj::byte>(read_chunk_idle);
     return stream_->tryRead(buffer_.begin(), 1, buffer_.size()).then([this](std::size_t n) {
       if (n > 0)
         reader_.feed(std::string_view(reinterpret_cast<const char*>(buffer_.begin()), n));
+      if (n == buffer_.size() && n < read_chunk) {
+        buffer_ = kj::heapArray<kj::byte>(read_chunk);  // busy: read more at a time
+        small_reads_ = 0;
+      } else if (buffer_.size() > read_chunk_idle && n <= read_chunk_idle && ++small_reads_ >= shrink_after) {
+        buffer_ = kj::heapArray<kj::byte>(read_chunk_idle);  // quiet again
+        small_reads_ = 0;
+      } else if (n > read_chunk_idle) {
+        small_reads_ = 0;
+      }
       return n;
     });
   }
@@ -589,6 +602,7 @@ class mqtt_connection final : public kj::TaskSet::ErrorHandler {
   std::shared_ptr<connection_shared> shared_;
   kj::Own<kj::AsyncIoStream> stream_;
   kj::Array<kj::byte> buffer_;
+  int small_reads_ = 0;  // reads in a row that read_chunk_idle would have held
   bool tls_ = false;
   tls_peer peer_;
   std::string client_id_;

@@ -548,7 +548,7 @@ expected<std::unique_ptr<message_store>> message_store::open_file(
     "PRAGMA auto_vacuum = NONE; PRAGMA synchronous = FULL; PRAGMA cache_size = -" +
     std::to_string(options.cache_bytes / 1024) +
     "; PRAGMA journal_size_limit = " + std::to_string(wal_size_limit_bytes) +
-    "; PRAGMA mmap_size = 0";
+    "; PRAGMA mmap_size = 0; PRAGMA temp_store = MEMORY";
   detail::database_spec spec;
   spec.label = label;
   spec.application_id = application_id;

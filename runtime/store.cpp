@@ -118,7 +118,7 @@ expected<std::unique_ptr<node_store>> node_store::open(const std::string& data_d
   // telemetry table and its index outgrow 2 MiB at once, and every append
   // then reads its pages back from the OS (pread) — a tenth of the hub's CPU
   // in bench-chain.
-  spec.pragmas = "PRAGMA synchronous = FULL; PRAGMA cache_size = -16384";
+  spec.pragmas = "PRAGMA synchronous = FULL; PRAGMA cache_size = -16384; PRAGMA temp_store = MEMORY";
   spec.migrations = migrations;
   auto db = detail::open_database(spec, *path);
   if (!db) return std::move(db).err();
@@ -173,6 +173,7 @@ expected<void> node_store::prepare_statements() {
       {&trim_upstream_,
        "DELETE FROM upstream WHERE seq <= "
        "(SELECT seq FROM upstream ORDER BY seq DESC LIMIT 1 OFFSET ?1)"},
+      {&trim_upstream_below_, "DELETE FROM upstream WHERE seq <= ?1"},
       {&count_upstream_, "SELECT count(*) FROM upstream"},
       {&last_upstream_seq_,
        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'upstream'), 0)"},
@@ -317,7 +318,7 @@ expected<void> node_store::delete_reported(const std::string& module) {
 // -- $upstream messages ------------------------------------------------------
 
 expected<std::vector<std::int64_t>> node_store::append_upstream(
-    std::span<const upstream_entry> entries) {
+    std::span<const upstream_entry> entries, std::int64_t keep_last_n) {
   std::vector<std::int64_t> seqs;
   if (entries.empty()) return seqs;
   seqs.reserve(entries.size());
@@ -349,6 +350,17 @@ expected<std::vector<std::int64_t>> node_store::append_upstream(
     const int rc = sqlite3_step(s);
     if (rc != SQLITE_DONE) return fail(stmt_error(s, rc));
     seqs.push_back(sqlite3_last_insert_rowid(db));
+  }
+  if (keep_last_n > 0 && seqs.back() > keep_last_n) {
+    // The bound, a batch at a time: the records older than the newest
+    // keep_last_n seqs, found by the primary key (as many as were appended).
+    sqlite3_stmt* t = trim_upstream_below_.get();
+    statement_use use(t);
+    binder b(t);
+    b.i64(seqs.back() - keep_last_n);
+    if (b.rc() != SQLITE_OK) return fail(stmt_error(t, b.rc()));
+    const int rc = sqlite3_step(t);
+    if (rc != SQLITE_DONE) return fail(stmt_error(t, rc));
   }
 
   {

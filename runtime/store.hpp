@@ -184,7 +184,10 @@ class node_store {
   /// Appends `entries` in one transaction (all or none) and returns the seq
   /// assigned to each, in order. Seqs increase strictly and are never reused,
   /// even after trim_upstream or a reopen. An empty batch writes nothing.
-  expected<std::vector<std::int64_t>> append_upstream(std::span<const upstream_entry> entries);
+  /// With keep_last_n > 0 the same transaction deletes the records whose seq
+  /// is more than keep_last_n below the newest (so, about as many as it adds).
+  expected<std::vector<std::int64_t>> append_upstream(std::span<const upstream_entry> entries,
+                                                      std::int64_t keep_last_n = 0);
 
   /// At most `limit` records with seq > after_seq, in seq order, each decoded
   /// with message::decode (one copy of the bytes). A stored message that does not
@@ -243,6 +246,7 @@ class node_store {
   detail::sql_statement query_upstream_all_;
   detail::sql_statement query_upstream_device_;
   detail::sql_statement trim_upstream_;
+  detail::sql_statement trim_upstream_below_;
   detail::sql_statement count_upstream_;
   detail::sql_statement last_upstream_seq_;
 };

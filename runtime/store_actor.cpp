@@ -20,7 +20,6 @@ struct store_state {
   bool flush_pending = false;
   bool discarding = false;       ///< after a failed write, until the router's (resume)
   std::map<std::uint64_t, upstream_callback> subscribers;
-  std::uint64_t appended = 0;
   static inline const char* name = "canopy.store";
 };
 
@@ -40,7 +39,10 @@ void flush(store_actor* self) {
   entries.reserve(st.batch.size());
   for (auto& rm : st.batch)
     entries.push_back(upstream_entry{rm.module, rm.output, now, rm.msg.encoded(), rm.device});
-  auto seqs = st.store->append_upstream(entries);
+  // The table keeps the newest default_upstream_keep records: each batch
+  // removes as many old ones as it adds, in its own transaction (deleting
+  // ten thousand at once stalled the commit, and every sender, for 25 ms).
+  auto seqs = st.store->append_upstream(entries, node_store::default_upstream_keep);
   if (!seqs) {
     // The router keeps the messages in its store and hands them over again
     // after a backoff (a busy or full disk may recover).
@@ -55,7 +57,6 @@ void flush(store_actor* self) {
   }
   if (st.router)
     self->send(st.router, atoms::delivered::value, std::string{upstream_endpoint}, st.last_token);
-  st.appended += st.batch.size();
   if (!st.subscribers.empty()) {
     for (std::size_t i = 0; i < st.batch.size(); ++i) {
       const auto& rm = st.batch[i];
@@ -65,12 +66,6 @@ void flush(store_actor* self) {
     }
   }
   st.batch.clear();
-  // Bound the table now and then, not on every batch.
-  if (st.appended >= 10000) {
-    st.appended = 0;
-    if (auto r = st.store->trim_upstream(); !r)
-      log_failure("trimming $upstream", r.err());
-  }
 }
 
 caf::behavior store_impl(store_actor* self, std::shared_ptr<node_store> store, const clock* clk) {

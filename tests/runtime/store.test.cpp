@@ -430,6 +430,18 @@ TEST_CASE("store: upstream append, read in order, trim, seq monotonic across reo
   REQUIRE(all->size() == 4);
   CHECK(all->front().source_module == "filter");
   CHECK(all->back().msg.body() == "body-9");
+
+  // A bounded append keeps the newest keep_last_n seqs, in the same transaction.
+  const auto before = *store->upstream_count();
+  auto bounded = store->append_upstream(more, 3);
+  REQUIRE(bounded.ok());
+  CHECK(*store->upstream_count() == 3);
+  auto newest = store->read_upstream(0, 100);
+  REQUIRE(newest.ok());
+  REQUIRE(newest->size() == 3);
+  CHECK(newest->back().seq == bounded->back());
+  CHECK(newest->front().seq == bounded->back() - 2);
+  CHECK(before == 4);
 }
 
 TEST_CASE("store: a stored upstream message that does not decode is an error naming its seq",
