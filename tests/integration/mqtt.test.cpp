@@ -975,42 +975,49 @@ TEST_CASE("a crash-looping process module backs off with its restart count growi
 }
 
 TEST_CASE(
-  "a Python process module connects with the node's CANOPY_MQTT_* variables and its telemetry goes "
-  "upstream",
+  "process modules in Python and Node.js connect with the node's CANOPY_MQTT_* variables, take their twin and "
+  "methods over MQTT, and their telemetry goes upstream",
   "[mqtt]") {
   require_clients();
+  // The two examples: Debian's python3-paho-mqtt and node-mqtt (nodejs).
+  struct example {
+    const char* module;
+    const char* manifest;
+    const char* interval_line;  // its log line once it took the desired interval
+  };
+  const auto ex = GENERATE(example{"pysensor", "mqtt_python.json", "interval is now 0.2"},
+                           example{"jssensor", "mqtt_node.json", "interval is now 0.2"});
+  const std::string module = ex.module;
+  INFO("module " << module);
   auto paths = canopy_paths::from_env();
   fleet_certs certs{paths};
   certs.issue("edge-p");
   canopy_node node{paths};
   const int mqtt_port = free_port();
-  node.start(
-    node.write_manifest("python.json", process_manifest(paths, "mqtt_python.json")),
-    {"--device-id", "edge-p", "--certs", certs.dir(), "--mqtt-listen", loopback(mqtt_port)});
+  node.start(node.write_manifest("module.json", process_manifest(paths, ex.manifest)),
+             {"--device-id", "edge-p", "--certs", certs.dir(), "--mqtt-listen", loopback(mqtt_port)});
   REQUIRE(node.wait_ready());
 
-  // sensor_module.py sends a reading every 0.2 s (its desired "interval").
+  // The module sends a reading every 0.2 s (its desired "interval").
   auto monitor = node.ctl({"monitor", "--count", "2", "--timeout", "40", "--backlog", "10"}, 50s);
   INFO(monitor.output);
-  auto logs = node.ctl({"logs", "pysensor"});
-  INFO("pysensor's log: " << logs.output);
+  auto logs = node.ctl({"logs", module});
+  INFO("the module's log: " << logs.output);
   INFO("node's log: " << tail(node.output()));
   REQUIRE(monitor.exit_code == 0);
-  CHECK(monitor.output.find("pysensor") != std::string::npos);
+  CHECK(monitor.output.find(module) != std::string::npos);
   CHECK(monitor.output.find("temperature") != std::string::npos);
-  auto m = node.module("pysensor");
+  auto m = node.module(module);
   REQUIRE(m);
   CHECK(m->status == "running");
   CHECK(m->restart_count == 0);
   CHECK(logs.output.find("connected to") != std::string::npos);
   // Its twin: it read "interval" and reported it.
   CHECK(wait_until(
-    [&] {
-      return node.ctl({"logs", "pysensor"}).output.find("interval is now 0.2") != std::string::npos;
-    },
-    20s, 200ms));
+    [&] { return node.ctl({"logs", module}).output.find(ex.interval_line) != std::string::npos; }, 20s,
+    200ms));
   // Its direct method, over MQTT.
-  auto ping = node.ctl({"invoke", "pysensor", "ping", "{}"});
+  auto ping = node.ctl({"invoke", module, "ping", "{}"});
   INFO(ping.output);
   CHECK(ping.exit_code == 0);
   CHECK(ping.output.find("pong") != std::string::npos);
