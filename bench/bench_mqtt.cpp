@@ -816,36 +816,10 @@ int run(int argc, char** argv) {
       "1..60000, "
       "--lat-seconds-* >= 1");
   s.dump_latency = bench::string_option(argc, argv, "dump-latency", "");
-  const std::string only = bench::string_option(argc, argv, "only", "");
-  if (!only.empty() && only != "canopy" && only != "mosquitto")
-    fail("--only: canopy or mosquitto");
-  const bool run_canopy = only != "mosquitto", run_mosquitto = only != "canopy";
-
-  std::string canopy, mosquitto;
-  if (run_canopy) {
-    const std::string flag = bench::string_option(argc, argv, "canopy", "");
-    if (!flag.empty())
-      ::setenv("CANOPY_BIN", flag.c_str(), 1);
-    canopy = bench::find_program("CANOPY_BIN", CANOPY_BIN, "build it: ninja -C build canopy");
-    if (!bench::canopy_serves_mqtt(canopy))
-      fail(
-        canopy +
-        " does not serve MQTT yet (no --mqtt-listen in `canopy run --help`); --only=mosquitto runs "
-        "the baseline alone");
-  }
-  if (run_mosquitto) {
-    const std::string flag = bench::string_option(argc, argv, "mosquitto", "");
-    if (!flag.empty())
-      ::setenv("MOSQUITTO_BIN", flag.c_str(), 1);
-    mosquitto = bench::find_program("MOSQUITTO_BIN", "/usr/sbin/mosquitto",
-                                    "apt-get install mosquitto, or set MOSQUITTO_BIN");
-  }
-  std::vector<std::string> hub_args;
-  {
-    std::istringstream in(bench::string_option(argc, argv, "hub-args", ""));
-    for (std::string a; in >> a;)
-      hub_args.push_back(a);
-  }
+  auto servers = bench::mqtt_servers_from_options(argc, argv, CANOPY_BIN);
+  const bool run_canopy = servers.run_canopy, run_mosquitto = servers.run_mosquitto;
+  const std::string canopy = servers.canopy, mosquitto = servers.mosquitto;
+  const std::vector<std::string> hub_args = servers.hub_args;
   bench::install_stop_handler();
   ::signal(SIGPIPE, SIG_IGN);
   ::prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);  // paced sends on time, not 50 us late

@@ -214,4 +214,34 @@ double self_cpu_ms() {
   return ms(ru.ru_utime) + ms(ru.ru_stime);
 }
 
+mqtt_servers mqtt_servers_from_options(int argc, char** argv, const char* canopy_default) {
+  mqtt_servers out;
+  const std::string only = string_option(argc, argv, "only", "");
+  if (!only.empty() && only != "canopy" && only != "mosquitto")
+    fail("--only: canopy or mosquitto");
+  out.run_canopy = only != "mosquitto";
+  out.run_mosquitto = only != "canopy";
+  if (out.run_canopy) {
+    const std::string flag = string_option(argc, argv, "canopy", "");
+    if (!flag.empty())
+      ::setenv("CANOPY_BIN", flag.c_str(), 1);
+    out.canopy = find_program("CANOPY_BIN", canopy_default, "build it: ninja -C build canopy");
+    if (!canopy_serves_mqtt(out.canopy))
+      fail(out.canopy +
+           " does not serve MQTT (no --mqtt-listen in `canopy run --help`); --only=mosquitto runs the "
+           "baseline alone");
+  }
+  if (out.run_mosquitto) {
+    const std::string flag = string_option(argc, argv, "mosquitto", "");
+    if (!flag.empty())
+      ::setenv("MOSQUITTO_BIN", flag.c_str(), 1);
+    out.mosquitto =
+      find_program("MOSQUITTO_BIN", "/usr/sbin/mosquitto", "apt-get install mosquitto, or set MOSQUITTO_BIN");
+  }
+  std::istringstream in(string_option(argc, argv, "hub-args", ""));
+  for (std::string a; in >> a;)
+    out.hub_args.push_back(a);
+  return out;
+}
+
 }  // namespace canopy::bench

@@ -86,6 +86,20 @@ std::unique_ptr<tracked_process> start_canopy_hub(const canopy_hub_options& o);
 /// True if `canopy run --help` mentions --mqtt-listen (the node serves MQTT).
 bool canopy_serves_mqtt(const std::string& canopy);
 
+/// Which servers a benchmark run measures and how to start them, from its
+/// options: --only=canopy|mosquitto, --canopy=PATH (else $CANOPY_BIN, else
+/// `canopy_default`), --mosquitto=PATH (else $MOSQUITTO_BIN, else
+/// /usr/sbin/mosquitto), --hub-args="..." (split at spaces). Fails (throws)
+/// on a bad --only or a missing program.
+struct mqtt_servers {
+  bool run_canopy = true;
+  bool run_mosquitto = true;
+  std::string canopy;     ///< "" unless run_canopy
+  std::string mosquitto;  ///< "" unless run_mosquitto
+  std::vector<std::string> hub_args;
+};
+mqtt_servers mqtt_servers_from_options(int argc, char** argv, const char* canopy_default);
+
 /// A non-blocking TCP socket connecting to 127.0.0.1:port (TCP_NODELAY,
 /// close-on-exec); the connect may still be in progress. Fails on an error
 /// other than EINPROGRESS.

@@ -3,6 +3,7 @@
 // into a node that routes them through a module (the temperature filter) to
 // $upstream; the node is SIGKILLed mid-stream, restarted, and every message
 // whose acknowledgement the sender saw must arrive at $upstream.
+#include "integration/fleet.hpp"
 #include "integration/process.hpp"
 
 #include <catch2/catch.hpp>
@@ -50,13 +51,6 @@ std::multiset<long> numbers_at_upstream(const canopy_node& node) {
   return out;
 }
 
-nlohmann::json metrics(const canopy_node& node) {
-  auto r = node.ctl({"metrics", "--json"});
-  if (r.exit_code != 0)
-    return {};
-  auto j = nlohmann::json::parse(r.output, nullptr, false);
-  return j.is_discarded() ? nlohmann::json{} : j;
-}
 
 std::int64_t queued(const nlohmann::json& m) {
   std::int64_t n = 0;

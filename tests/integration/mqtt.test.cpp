@@ -11,6 +11,7 @@
 // exits): starting a fleet costs seconds. The cases connect as leaf1 one
 // after another; none leaves a connection or a persistent session behind,
 // and none depends on another's outcome (message ids and twin keys differ).
+#include "integration/fleet.hpp"
 #include "integration/process.hpp"
 
 #include <catch2/catch.hpp>
@@ -55,33 +56,8 @@ const std::string leaf6_key = "bGVhZjYgcHJpbWFyeSBrZXkgZm9yIHRoZSB0ZXN0cy4=";
 const std::string leafhub_key = "bGVhZmh1YiBwcmltYXJ5IGtleSwgdGhlIHRlc3RzLi4=";
 const std::string nobodys_key = "YSBrZXkgbm9ib2R5IHdhcyBldmVyIGdpdmVuLi4uLg==";
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  socklen_t len = sizeof a;
-  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
-std::string loopback(int port) {
-  return "127.0.0.1:" + std::to_string(port);
-}
-
 std::string user_name(const std::string& identity) {
   return hub_host + "/" + identity + "/?api-version=" + api_version;
-}
-
-nlohmann::json parse_or_null(const run_result& r) {
-  if (r.exit_code != 0)
-    return {};
-  auto j = nlohmann::json::parse(r.output, nullptr, false);
-  return j.is_discarded() ? nlohmann::json{} : j;
 }
 
 /// The JSON event lines azure_device.py printed (other lines skipped).
@@ -188,85 +164,6 @@ bool logged_since(const canopy_node& node, std::size_t from, const std::string& 
 
 // --- A fleet: certificates, hub, gateways ------------------------------------------------
 
-/// The certificates of a fleet, made with `canopyctl certs` as a user would.
-/// Node certificates also name 127.0.0.1 and localhost, which is where MQTT
-/// clients reach them (and check them).
-class fleet_certs {
- public:
-  explicit fleet_certs(const canopy_paths& paths) : paths_(paths), dir_("cnq") {
-    ctl({"certs", "ca", "--out", dir_.path()});
-  }
-  /// Issues DIR/<id>.crt and DIR/<id>.key.
-  void issue(const std::string& id) {
-    ctl({"certs", "issue", "--ca-dir", dir_.path(), "--id", id, "--ip", "127.0.0.1", "--dns",
-         "localhost"});
-  }
-  const std::string& dir() const { return dir_.path(); }
-  std::string ca() const { return dir_.file("ca.crt"); }
-  std::string cert(const std::string& id) const { return dir_.file(id + ".crt"); }
-  std::string key(const std::string& id) const { return dir_.file(id + ".key"); }
-
- private:
-  void ctl(std::vector<std::string> args) {
-    args.insert(args.begin(), paths_.canopyctl);
-    auto r = run(args, 30s);
-    INFO(r.output);
-    REQUIRE(r.exit_code == 0);
-  }
-  canopy_paths paths_;
-  temp_dir dir_;
-};
-
-/// The hub: registry, telemetry store and REST API.
-struct hub_node {
-  canopy_node node;
-  const fleet_certs& certs;
-  int link_port = free_port();
-  int api_port = free_port();
-
-  hub_node(const canopy_paths& paths, const fleet_certs& c) : node(paths), certs(c) {}
-
-  void start() {
-    node.start("", {"--role", "hub", "--device-id", "hub", "--certs", certs.dir(), "--link-listen",
-                    loopback(link_port), "--api-listen", loopback(api_port)});
-    REQUIRE(node.wait_ready());
-  }
-
-  /// `canopyctl --hub ... args` against the REST API.
-  run_result ctl(const std::vector<std::string>& args) const {
-    std::vector<std::string> argv{node.paths().canopyctl,
-                                  "--hub",
-                                  "https://" + loopback(api_port),
-                                  "--hub-id",
-                                  "hub",
-                                  "--ca",
-                                  certs.ca(),
-                                  "--token-file",
-                                  node.data_dir() + "/api-token"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    return run(argv, 40s);
-  }
-
-  void must(const std::vector<std::string>& args) const {
-    auto r = ctl(args);
-    INFO("canopyctl " << args.front() << " ...: " << r.output);
-    REQUIRE(r.exit_code == 0);
-  }
-
-  /// Telemetry of `device` at the hub, as parsed JSON records (oldest first).
-  nlohmann::json telemetry(const std::string& device) const {
-    auto r = ctl({"telemetry", "--device", device, "--limit", "10000", "--json"});
-    if (r.exit_code != 0)
-      return nlohmann::json::array();
-    auto j = nlohmann::json::parse(r.output, nullptr, false);
-    return j.is_array() ? j : nlohmann::json::array();
-  }
-
-  /// The device's twin at the hub (`twin show`), or null.
-  nlohmann::json twin(const std::string& device) const {
-    return parse_or_null(ctl({"twin", "show", device}));
-  }
-};
 
 /// The hub's telemetry record of `device` with message id `mid`, or null.
 nlohmann::json record_with_mid(const nlohmann::json& records, const std::string& mid) {
@@ -276,20 +173,7 @@ nlohmann::json record_with_mid(const nlohmann::json& records, const std::string&
   return {};
 }
 
-nlohmann::json metrics(const canopy_node& node) {
-  auto r = node.ctl({"metrics", "--json"});
-  if (r.exit_code != 0)
-    return {};
-  auto j = nlohmann::json::parse(r.output, nullptr, false);
-  return j.is_discarded() ? nlohmann::json{} : j;
-}
 
-bool link_up(const canopy_node& node, const std::string& role, const std::string& peer) {
-  for (auto& l : metrics(node).value("links", nlohmann::json::array()))
-    if (l.value("role", "") == role && l.value("peer", "") == peer)
-      return l.value("up", false);
-  return false;
-}
 
 /// Starts gateway `id` under the hub, serving MQTT over TLS on `mqtt_port`.
 void start_mqtt_gateway(canopy_node& gw, const std::string& id, const fleet_certs& certs,

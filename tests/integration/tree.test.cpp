@@ -3,6 +3,7 @@
 // up — driven the way an operator does it: `canopyctl certs` for the
 // certificates, `canopyctl device create` against the hub's REST API, and
 // `canopyctl send` as a leaf device's program.
+#include "integration/fleet.hpp"
 #include "integration/process.hpp"
 
 #include "gateway/certs.hpp"
@@ -28,28 +29,7 @@ using namespace std::chrono_literals;
 
 namespace {
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  socklen_t len = sizeof a;
-  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
 
-std::string loopback(int port) { return "127.0.0.1:" + std::to_string(port); }
-
-nlohmann::json parse_or_null(const run_result& r) {
-  if (r.exit_code != 0)
-    return {};
-  auto j = nlohmann::json::parse(r.output, nullptr, false);
-  return j.is_discarded() ? nlohmann::json{} : j;
-}
 
 /// A plain HTTP GET on 127.0.0.1:port; the whole answer (headers and body).
 std::string http_get(int port, const std::string& path) {
@@ -75,68 +55,7 @@ std::string http_get(int port, const std::string& path) {
   return out;
 }
 
-/// The certificates of a fleet, made with `canopyctl certs` as a user would.
-class fleet_certs {
- public:
-  explicit fleet_certs(const canopy_paths& paths) : paths_(paths), dir_("cnc") {
-    ctl({"certs", "ca", "--out", dir_.path()});
-  }
-  /// Issues DIR/<id>.crt and DIR/<id>.key.
-  void issue(const std::string& id) { ctl({"certs", "issue", "--ca-dir", dir_.path(), "--id", id}); }
-  const std::string& dir() const { return dir_.path(); }
-  std::string ca() const { return dir_.file("ca.crt"); }
 
- private:
-  void ctl(std::vector<std::string> args) {
-    args.insert(args.begin(), paths_.canopyctl);
-    auto r = run(args, 30s);
-    INFO(r.output);
-    REQUIRE(r.exit_code == 0);
-  }
-  canopy_paths paths_;
-  temp_dir dir_;
-};
-
-/// The hub: registry, telemetry store and REST API.
-struct hub_node {
-  canopy_node node;
-  const fleet_certs& certs;
-  int link_port = free_port();
-  int api_port = free_port();
-  int metrics_port = free_port();
-
-  hub_node(const canopy_paths& paths, const fleet_certs& c) : node(paths), certs(c) {}
-
-  void start() {
-    node.start("", {"--role", "hub", "--device-id", "hub", "--certs", certs.dir(), "--link-listen",
-                    loopback(link_port), "--api-listen", loopback(api_port), "--metrics-listen",
-                    loopback(metrics_port)});
-    REQUIRE(node.wait_ready());
-  }
-
-  /// `canopyctl --hub ... args` against the REST API.
-  run_result ctl(const std::vector<std::string>& args) const {
-    std::vector<std::string> argv{node.paths().canopyctl, "--hub", "https://" + loopback(api_port), "--hub-id",
-                                  "hub", "--ca", certs.ca(), "--token-file", node.data_dir() + "/api-token"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    return run(argv, 30s);
-  }
-
-  void must(const std::vector<std::string>& args) const {
-    auto r = ctl(args);
-    INFO("canopyctl " << args.front() << " ...: " << r.output);
-    REQUIRE(r.exit_code == 0);
-  }
-
-  /// Telemetry of `device` at the hub, as parsed JSON records (oldest first).
-  nlohmann::json telemetry(const std::string& device) const {
-    auto r = ctl({"telemetry", "--device", device, "--limit", "10000", "--json"});
-    if (r.exit_code != 0)
-      return nlohmann::json::array();
-    auto j = nlohmann::json::parse(r.output, nullptr, false);
-    return j.is_array() ? j : nlohmann::json::array();
-  }
-};
 
 /// A fleet: its certificates (the hub's and `ids`) and its hub, started; and
 /// the registry entries the tests create through the hub's API.
@@ -181,26 +100,7 @@ void start_gateway(canopy_node& gw, const std::string& id, const fleet_certs& ce
   REQUIRE(gw.wait_ready());
 }
 
-nlohmann::json metrics(const canopy_node& node) {
-  auto r = node.ctl({"metrics", "--json"});
-  if (r.exit_code != 0)
-    return {};
-  auto j = nlohmann::json::parse(r.output, nullptr, false);
-  return j.is_discarded() ? nlohmann::json{} : j;
-}
 
-/// The node's link with `role` to `peer`, from `canopyctl metrics --json`.
-nlohmann::json link_of(const canopy_node& node, const std::string& role, const std::string& peer) {
-  for (auto& l : metrics(node).value("links", nlohmann::json::array()))
-    if (l.value("role", "") == role && l.value("peer", "") == peer)
-      return l;
-  return {};
-}
-
-bool link_up(const canopy_node& node, const std::string& role, const std::string& peer) {
-  auto l = link_of(node, role, peer);
-  return !l.is_null() && l.value("up", false);
-}
 
 /// Writes `count` JSON readings {"n": first..} one per line; returns the path.
 std::string readings_file(const canopy_node& node, long first, long count) {
