@@ -18,6 +18,7 @@
 
 #include <openssl/rand.h>
 
+#include <algorithm>
 #include <deque>
 #include <set>
 
@@ -46,6 +47,7 @@ caf::actor mqtt_directory::put(const std::string& client_id, caf::actor session,
   auto& slot = sessions_[client_id];
   auto old = std::exchange(slot.session, std::move(session));
   slot.persistent = persistent;
+  slot.connected = true;
   return old;
 }
 
@@ -193,6 +195,23 @@ struct attach_call {
   std::uint64_t conn = 0;
   std::shared_ptr<mqtt_channel> channel;
   std::optional<mqtt::will_message> will;
+  /// Answered true once the session took the connection; false (by its
+  /// destructor) if the session ended first.
+  std::shared_ptr<struct attach_reply> done;
+};
+struct attach_reply {
+  explicit attach_reply(std::function<void(bool)> f) : fn(std::move(f)) {}
+  ~attach_reply() {
+    if (fn)
+      fn(false);
+  }
+  attach_reply(const attach_reply&) = delete;
+  attach_reply& operator=(const attach_reply&) = delete;
+  void operator()(bool ok) {
+    if (auto f = std::exchange(fn, nullptr))
+      f(ok);
+  }
+  std::function<void(bool)> fn;
 };
 /// The twin a leaf device was last given (from a GET answered off the actor).
 struct desired_seen {
@@ -260,6 +279,7 @@ struct outbound {
   bool input = false;
   std::function<void()> on_ack;  ///< C2D: answers the sender once acknowledged
   std::int64_t stored_seq = 0;   ///< kept in the session store under this seq (0: not)
+  std::uint64_t order = 0;       ///< when it was first sent (resent in this order)
 };
 
 struct session_state {
@@ -275,6 +295,11 @@ struct session_state {
   std::set<iothub::subscription> subs;
   std::uint16_t next_pid = 1;
   std::map<std::uint16_t, outbound> inflight;  ///< sent, not yet acknowledged
+  std::uint64_t next_order = 1;
+  /// Module inputs sent, by router token: acknowledged or not. The router's
+  /// acknowledgement is cumulative, so it hears of a token only once every
+  /// earlier one is acknowledged too (a client may PUBACK out of order).
+  std::map<std::uint64_t, bool> input_acks;
   std::deque<outbound> queued;                 ///< waiting for a connection or a subscription
   std::uint64_t next_rid = 1;
   std::map<std::string, std::function<void(method_reply)>> methods;  ///< by $rid
@@ -294,6 +319,16 @@ mqtt_session_store* stored(session_state& st) {
   return st.persistent ? st.env->cfg.sessions.get() : nullptr;
 }
 
+/// stored(), unless another session of the same client replaced this one
+/// (it owns the client's stored state now).
+mqtt_session_store* stored(session_actor* self) {
+  auto& st = self->state;
+  auto* store = stored(st);
+  if (store == nullptr || st.env->cfg.directory->find(st.client_id) != caf::actor_cast<caf::actor>(self))
+    return nullptr;
+  return store;
+}
+
 std::uint32_t subscription_mask(const std::set<iothub::subscription>& subs) {
   std::uint32_t mask = 0;
   for (auto s : subs)
@@ -306,6 +341,8 @@ void log_refusal(session_actor* self, const std::string& what) {
 }
 
 std::uint16_t take_pid(session_state& st) {
+  // Callers keep inflight far below the 65,535 packet ids (max_queued C2D,
+  // the router's window of inputs).
   for (;;) {
     auto pid = st.next_pid++;
     if (st.next_pid == 0)
@@ -329,13 +366,33 @@ void pump(session_actor* self) {
       keep.push_back(std::move(o));
       continue;
     }
+    if (st.inflight.size() >= 65000) {
+      keep.push_back(std::move(o));  // no packet id free: it waits for acknowledgements
+      continue;
+    }
     const auto pid = take_pid(st);
     o.packet.packet_id = pid;
     o.packet.qos = 1;
+    if (o.order == 0)
+      o.order = st.next_order++;
     st.channel->publish(o.packet);
     st.inflight.emplace(pid, std::move(o));
   }
   st.queued = std::move(keep);
+}
+
+/// The connection went: what was sent and not acknowledged goes out again
+/// (DUP), first and in the order it was first sent, on the next connection.
+void requeue_inflight(session_state& st) {
+  std::vector<outbound> again;
+  for (auto& [pid, o] : st.inflight) {
+    o.packet.dup = true;
+    again.push_back(std::move(o));
+  }
+  st.inflight.clear();
+  std::sort(again.begin(), again.end(), [](const outbound& a, const outbound& b) { return a.order < b.order; });
+  for (auto it = again.rbegin(); it != again.rend(); ++it)
+    st.queued.push_front(std::move(*it));
 }
 
 /// Publishes a QoS 0 answer to the client (dropped if not connected).
@@ -524,15 +581,17 @@ method_reply c2d(session_actor* self, const std::string& payload, std::function<
   if (auto v = doc.value("contentEncoding", std::string{}); !v.empty())
     b.content_encoding(v);
   auto m = b.build();
-  if (st.queued.size() >= st.env->cfg.max_queued)
-    return method_reply{429, json{{"error", "'" + st.client_id + "' has " + std::to_string(st.queued.size()) +
-                                              " cloud-to-device messages waiting (the most a device may have)"}}
+  if (st.queued.size() + st.inflight.size() >= st.env->cfg.max_queued)
+    return method_reply{429, json{{"error", "'" + st.client_id + "' has " +
+                                              std::to_string(st.queued.size() + st.inflight.size()) +
+                                              " cloud-to-device messages not yet acknowledged (the most a "
+                                              "device may have)"}}
                                .dump()};
   outbound o;
   o.packet.topic = iothub::c2d_topic(st.who.device_id, m);
   o.packet.payload = std::string{m.body()};
   o.needs = iothub::subscription::c2d;
-  if (auto* store = stored(st)) {
+  if (auto* store = stored(self)) {
     auto seq = store->add_message(st.client_id, o.packet.topic, o.packet.payload);
     if (!seq)
       return method_reply{503, json{{"error", "cannot keep the message: " + seq.err().message}}.dump()};
@@ -638,7 +697,11 @@ void send_will(session_actor* self) {
     return;
   std::vector<routed_message> batch;
   batch.push_back(routed_message{b.build(), st.who.device_id, st.who.module_id, in->output});
-  self->send(router, atoms::inject::value, std::move(batch));
+  self->request(router, caf::infinite, atoms::inject::value, std::move(batch))
+    .then([](std::vector<std::uint64_t>&) {},
+          [client = st.client_id](caf::error& err) {
+            spdlog::warn("mqtt: client '{}': will not accepted: {}", client, caf::to_string(err));
+          });
 }
 
 caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, iothub::client_identity who,
@@ -673,11 +736,20 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
     if (*cell)
       (*cell)->close(reason ? "the session ended: " + caf::to_string(reason) : "the session ended");
   });
+  // Stopped (replaced, or the node stops): the methods waiting for the
+  // client are answered now, not by their callers' timeouts.
+  self->set_exit_handler([self](caf::exit_msg& m) {
+    drop_methods(self, "'" + self->state.client_id + "''s session ended");
+    self->quit(m.reason);
+  });
   if (is_node_module(st)) {
     // The module's instance at the router: its inputs come here.
     if (auto router = st.env->cfg.router ? st.env->cfg.router() : caf::actor{})
       self->send(router, atoms::module_up::value, st.who.module_id, caf::actor_cast<caf::actor>(self));
   }
+  // A restored session's waiting messages go out at once (the server sends
+  // them after its CONNACK).
+  pump(self);
   return {
     [self](publish_call& c) {
       if (c.conn != self->state.conn)
@@ -699,7 +771,7 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
         st.subs.insert(*kind);
         codes.push_back(f.qos >= 1 ? 1 : 0);
       }
-      if (auto* store = stored(st))
+      if (auto* store = stored(self))
         if (auto ok = store->save(st.client_id, subscription_mask(st.subs)); !ok)
           spdlog::error("mqtt: client '{}': subscriptions not kept: {}", st.client_id, ok.err().message);
       (*c.done)(std::move(codes));
@@ -712,7 +784,7 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
       for (auto& f : c.filters)
         if (auto kind = iothub::check_subscription(f, st.who))
           st.subs.erase(*kind);
-      if (auto* store = stored(st))
+      if (auto* store = stored(self))
         if (auto ok = store->save(st.client_id, subscription_mask(st.subs)); !ok)
           spdlog::error("mqtt: client '{}': subscriptions not kept: {}", st.client_id, ok.err().message);
       (*c.done)(expected<void>{});
@@ -727,11 +799,18 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
       auto o = std::move(it->second);
       st.inflight.erase(it);
       if (o.input) {
-        if (auto router = st.env->cfg.router ? st.env->cfg.router() : caf::actor{})
-          self->send(router, atoms::delivered::value, st.who.module_id, o.token);
+        st.input_acks[o.token] = true;
+        std::uint64_t upto = 0;
+        while (!st.input_acks.empty() && st.input_acks.begin()->second) {
+          upto = st.input_acks.begin()->first;
+          st.input_acks.erase(st.input_acks.begin());
+        }
+        if (upto != 0)
+          if (auto router = st.env->cfg.router ? st.env->cfg.router() : caf::actor{})
+            self->send(router, atoms::delivered::value, st.who.module_id, upto);
       }
       if (o.stored_seq != 0)
-        if (auto* store = stored(st))
+        if (auto* store = stored(self))
           if (auto ok = store->remove_message(st.client_id, o.stored_seq); !ok)
             spdlog::error("mqtt: client '{}': acknowledged message not removed: {}", st.client_id, ok.err().message);
       if (o.on_ack)
@@ -753,21 +832,16 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
         return;
       }
       // Unacknowledged QoS 1 messages go out again (DUP) when it comes back.
-      std::deque<outbound> again;
-      for (auto& [pid, o] : st.inflight) {
-        o.packet.dup = true;
-        again.push_back(std::move(o));
-      }
-      st.inflight.clear();
-      for (auto& o : st.queued)
-        again.push_back(std::move(o));
-      st.queued = std::move(again);
+      requeue_inflight(st);
     },
     [self](attach_call& c) {
       auto& st = self->state;
       if (st.connected && st.channel)
         st.channel->close("replaced by a new connection with the same client id");
+      // Its old connection's close will not count (another connection's id).
+      requeue_inflight(st);
       drop_methods(self, "'" + st.client_id + "' reconnected");
+      (*c.done)(true);
       st.channel = std::move(c.channel);
       st.conn = c.conn;
       st.will = std::move(c.will);
@@ -839,6 +913,7 @@ caf::behavior session_impl(session_actor* self, std::shared_ptr<head_env> env, i
       o.needs = iothub::subscription::module_inputs;
       o.input = true;
       o.token = token;
+      st.input_acks.emplace(token, false);
       st.queued.push_back(std::move(o));
       pump(self);
     },
@@ -923,30 +998,60 @@ struct mqtt_gateway::impl : std::enable_shared_from_this<mqtt_gateway::impl> {
     const bool persistent = !info.packet.clean_session && !id.who.is_module();
     if (persistent) {
       if (auto old = cfg.directory->find_persistent(client_id)) {
-        // Resume: the session actor takes the new connection. (If it ends
-        // in this very moment, the client's calls fail and it reconnects.)
-        caf::anon_send(old, attach_call{info.connection_id, channel, info.packet.will});
-        spdlog::info("mqtt: client '{}' connected ({}), session resumed", client_id, id.auth);
-        done(mqtt_accept{std::make_shared<session_proxy>(old, info.connection_id), true});
+        // Resume: the session actor takes the new connection; if it ended
+        // in the meantime, a new one starts from what is stored.
+        auto self = shared_from_this();
+        auto reply = std::make_shared<attach_reply>([self, info, id, channel, done, old, client_id](bool ok) {
+          if (!ok) {
+            self->start_session(info, id, channel, done);
+            return;
+          }
+          spdlog::info("mqtt: client '{}' connected ({}), session resumed", client_id, id.auth);
+          done(mqtt_accept{std::make_shared<session_proxy>(old, info.connection_id), true});
+        });
+        caf::anon_send(old, attach_call{info.connection_id, channel, info.packet.will, std::move(reply)});
         return;
       }
     }
-    if (!id.who.is_module() && cfg.sessions) {
-      // A clean session ends a persistent one; a persistent one is kept.
-      auto ok = persistent ? cfg.sessions->save(client_id, 0) : cfg.sessions->drop(client_id);
-      if (!ok)
-        spdlog::error("mqtt: client '{}': session store: {}", client_id, ok.err().message);
+    start_session(info, id, channel, done);
+  }
+
+  /// A new session actor for the client: a persistent one starts from what
+  /// the session store keeps of it (a node restart, or a client that came
+  /// back before the stored sessions were restored).
+  void start_session(const mqtt_connect_info& info, const mqtt_identity& id, std::shared_ptr<mqtt_channel> channel,
+                     const done_fn& done) {
+    auto& cfg = env->cfg;
+    const auto client_id = id.who.to_string();
+    const bool persistent = !info.packet.clean_session && !id.who.is_module();
+    std::shared_ptr<stored_session> restored;
+    if (persistent && cfg.sessions) {
+      auto kept = cfg.sessions->load(client_id);
+      if (!kept)
+        spdlog::error("mqtt: client '{}': session store: {}", client_id, kept.err().message);
+      else if (*kept)
+        restored = std::make_shared<stored_session>(std::move(**kept));
     }
     auto session = sys.spawn(session_impl, env, id.who, persistent, channel, info.connection_id, info.packet.will,
-                             std::shared_ptr<stored_session>{});
+                             restored);
     auto downstream = cfg.downstream ? cfg.downstream() : caf::actor{};
     supervise(session, client_id, client_id + "#" + std::to_string(info.connection_id), downstream);
     if (auto old = cfg.directory->put(client_id, session, persistent)) {
       // Another connection of the same client: it goes (as IoT Hub does).
       caf::anon_send_exit(old, caf::exit_reason::user_shutdown);
     }
-    spdlog::info("mqtt: client '{}' connected ({}{})", client_id, id.auth, persistent ? ", persistent session" : "");
-    done(mqtt_accept{std::make_shared<session_proxy>(session, info.connection_id), false});
+    if (!id.who.is_module() && cfg.sessions) {
+      // A clean session ends a persistent one (after the new session took
+      // the client's place, so the old one no longer writes); a persistent
+      // one is kept.
+      auto ok = !persistent ? cfg.sessions->drop(client_id)
+                            : restored ? expected<void>{} : cfg.sessions->save(client_id, 0);
+      if (!ok)
+        spdlog::error("mqtt: client '{}': session store: {}", client_id, ok.err().message);
+    }
+    spdlog::info("mqtt: client '{}' connected ({}{})", client_id, id.auth,
+                 persistent ? (restored ? ", persistent session restored" : ", persistent session") : "");
+    done(mqtt_accept{std::make_shared<session_proxy>(session, info.connection_id), restored != nullptr});
   }
 };
 

@@ -560,7 +560,8 @@ caf::behavior process_host_impl(process_actor* self, process_host_config cfg) {
       auto& st = self->state;
       if (auto session = st.cfg.session_of ? st.cfg.session_of(st.cfg.name) : caf::actor{}) {
         auto rp = self->make_response_promise<int, std::string>();
-        self->request(session, caf::infinite, atoms::method::value, method, payload)
+        // IoT Hub's longest method timeout; the agent's own request times out first.
+        self->request(session, std::chrono::seconds{300}, atoms::method::value, method, payload)
           .then([rp](int status, std::string& body) mutable { rp.deliver(status, std::move(body)); },
                 [rp](caf::error& err) mutable {
                   rp.deliver(503, nlohmann::json{{"error", caf::to_string(err)}}.dump());

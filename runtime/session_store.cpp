@@ -62,15 +62,30 @@ expected<void> mqtt_session_store::run(sqlite3_stmt* s) {
   return {};
 }
 
-expected<std::vector<stored_session>> mqtt_session_store::load_all() {
+expected<std::optional<stored_session>> mqtt_session_store::load(const std::string& client_id) {
+  auto some = load_where(&client_id);
+  if (!some)
+    return std::move(some).err();
+  if (some->empty())
+    return std::optional<stored_session>{};
+  return std::optional<stored_session>{std::move(some->front())};
+}
+
+expected<std::vector<stored_session>> mqtt_session_store::load_all() { return load_where(nullptr); }
+
+expected<std::vector<stored_session>> mqtt_session_store::load_where(const std::string* client_id) {
   std::lock_guard<std::mutex> lock{mtx_};
   std::vector<stored_session> out;
-  const char* sql_sessions = "SELECT client_id, subscriptions FROM sessions ORDER BY client_id";
+  const char* sql_sessions = client_id != nullptr
+                               ? "SELECT client_id, subscriptions FROM sessions WHERE client_id = ?"
+                               : "SELECT client_id, subscriptions FROM sessions ORDER BY client_id";
   sqlite3_stmt* raw = nullptr;
   int rc = sqlite3_prepare_v2(db_.get(), sql_sessions, -1, &raw, nullptr);
   detail::sql_statement st(raw);
   if (rc != SQLITE_OK)
     return detail::sql_error(label, path_, db_.get(), sql_sessions, rc);
+  if (client_id != nullptr)
+    detail::binder{raw}.text(*client_id);
   while ((rc = sqlite3_step(raw)) == SQLITE_ROW)
     out.push_back(stored_session{detail::column_text(raw, 0), static_cast<std::uint32_t>(sqlite3_column_int64(raw, 1)), {}});
   if (rc != SQLITE_DONE)

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,8 @@ class mqtt_session_store {
 
   /// Every stored session, with its messages.
   expected<std::vector<stored_session>> load_all();
+  /// The stored session of `client_id`, if there is one.
+  expected<std::optional<stored_session>> load(const std::string& client_id);
   /// Creates the session of `client_id` (if missing) with `subscriptions`.
   expected<void> save(const std::string& client_id, std::uint32_t subscriptions);
   /// Appends a message for `client_id`'s session; returns its seq.
@@ -60,6 +63,8 @@ class mqtt_session_store {
  private:
   mqtt_session_store() = default;
   expected<void> run(sqlite3_stmt* s);
+  /// The sessions (with messages) of `client_id`, or all if null.
+  expected<std::vector<stored_session>> load_where(const std::string* client_id);
 
   std::mutex mtx_;
   std::string path_;

@@ -250,6 +250,30 @@ TEST_CASE_METHOD(head_fixture, "mqtt head: a process module's session routes, ac
     });
   }
 
+  SECTION("PUBACKs out of order: the router hears of an input only once every earlier one is acknowledged") {
+    for (std::uint64_t token : {50, 51, 52})
+      (*self)->send(instance, atoms::input::value, std::string{"in1"}, message_builder{}.body("b").build(), token);
+    waiter<std::vector<std::uint8_t>> codes;
+    session->subscribe({{"devices/gw/modules/mod1/inputs/#", 1}},
+                       [&](expected<std::vector<std::uint8_t>> r) { codes.set(*r); });
+    REQUIRE(codes.wait());
+    auto p0 = channel->nth(0), p1 = channel->nth(1), p2 = channel->nth(2);
+    REQUIRE(p0);
+    REQUIRE(p1);
+    REQUIRE(p2);
+    session->acked(p1->packet_id);
+    session->acked(p2->packet_id);
+    bool early = false;
+    (*self)->receive([&](atoms::delivered, const std::string&, std::uint64_t) { early = true; },
+                     caf::after(200ms) >> [] {});
+    CHECK_FALSE(early);
+    session->acked(p0->packet_id);
+    (*self)->receive([&](atoms::delivered, const std::string& receiver, std::uint64_t token) {
+      CHECK(receiver == "mod1");
+      CHECK(token == 52);  // cumulative: all three
+    });
+  }
+
   SECTION("a direct method goes to the client and its answer comes back") {
     waiter<std::vector<std::uint8_t>> codes;
     session->subscribe({{"$iothub/methods/POST/#", 0}},

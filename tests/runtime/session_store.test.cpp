@@ -40,6 +40,16 @@ TEST_CASE("mqtt session store: sessions and their messages survive a reopen", "[
   CHECK((*all)[1].client_id == "leaf2");
   REQUIRE((*all)[1].messages.size() == 1);
 
+  // One session alone.
+  auto one = (*store)->load("leaf1");
+  REQUIRE(one);
+  REQUIRE(*one);
+  CHECK((*one)->subscriptions == 0b101u);
+  CHECK((*one)->messages.size() == 1);
+  auto none = (*store)->load("nobody");
+  REQUIRE(none);
+  CHECK_FALSE(*none);
+
   // A clean session drops one, with its messages.
   REQUIRE((*store)->drop("leaf1"));
   all = (*store)->load_all();
