@@ -56,7 +56,7 @@ void free_openssl_bytes(unsigned char* s) {
 }
 
 using bio_ptr = std::unique_ptr<BIO, ossl_free<&BIO_free>>;
-using x509_ptr = std::unique_ptr<X509, ossl_free<&X509_free>>;
+using x509_ptr = x509_text::x509_ptr;
 using pkey_ptr = std::unique_ptr<EVP_PKEY, ossl_free<&EVP_PKEY_free>>;
 using bn_ptr = std::unique_ptr<BIGNUM, ossl_free<&BN_free>>;
 using ext_ptr = std::unique_ptr<X509_EXTENSION, ossl_free<&X509_EXTENSION_free>>;
@@ -103,24 +103,16 @@ expected<std::vector<x509_ptr>> parse_certs(const std::string& pem, const std::s
   if (pem.find("-----BEGIN") == std::string::npos) {
     return make_error(errc::invalid_argument, what + ": no PEM certificate found");
   }
-  auto bio = memory_bio(pem);
-  if (!bio)
-    return ossl_error(what);
   std::vector<x509_ptr> out;
-  for (;;) {
-    x509_ptr cert(PEM_read_bio_X509(bio.get(), nullptr, &no_password, nullptr));
-    if (cert) {
-      out.push_back(std::move(cert));
-      continue;
-    }
-    auto e = ERR_peek_last_error();
-    if (!out.empty() && ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE) {
-      ERR_clear_error();  // the end of the input
+  switch (x509_text::read_pem_certificates(pem, out)) {
+    case x509_text::pem_read::end:
+      return out;
+    case x509_text::pem_read::out_of_memory:
+      return ossl_error(what);
+    case x509_text::pem_read::bad_block:
       break;
-    }
-    return ossl_error(what + ": not a PEM certificate", errc::invalid_argument);
   }
-  return out;
+  return ossl_error(what + ": not a PEM certificate", errc::invalid_argument);
 }
 
 /// The first certificate in `pem`.

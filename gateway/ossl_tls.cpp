@@ -93,7 +93,7 @@ struct ossl_free {
   }
 };
 using bio_ptr = std::unique_ptr<BIO, ossl_free<&BIO_free>>;
-using x509_ptr = std::unique_ptr<X509, ossl_free<&X509_free>>;
+using x509_ptr = x509_text::x509_ptr;
 using pkey_ptr = std::unique_ptr<EVP_PKEY, ossl_free<&EVP_PKEY_free>>;
 
 /// This thread's OpenSSL error queue as one line of reasons ("no shared cipher;
@@ -147,25 +147,17 @@ expected<std::vector<x509_ptr>> parse_certificates(const std::string& pem,
   ERR_clear_error();
   if (pem.find("-----BEGIN CERTIFICATE-----") == std::string::npos)
     return make_error(errc::invalid_argument, label + ": no PEM certificate found");
-  bio_ptr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  if (!bio)
-    return make_error(errc::failed, label + ": " + drain_errors("out of memory"));
   std::vector<x509_ptr> out;
-  for (;;) {
-    x509_ptr cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, const_cast<char*>("")));
-    if (cert) {
-      out.push_back(std::move(cert));
-      continue;
-    }
-    auto e = ERR_peek_last_error();
-    if (!out.empty() && ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE) {
-      ERR_clear_error();  // the end of the input
+  switch (x509_text::read_pem_certificates(pem, out)) {
+    case x509_text::pem_read::end:
       return out;
-    }
-    return make_error(errc::invalid_argument, label + ": cannot parse certificate #" +
-                                                std::to_string(out.size() + 1) + ": " +
-                                                drain_errors("not a PEM certificate"));
+    case x509_text::pem_read::out_of_memory:
+      return make_error(errc::failed, label + ": " + drain_errors("out of memory"));
+    case x509_text::pem_read::bad_block:
+      break;
   }
+  return make_error(errc::invalid_argument, label + ": cannot parse certificate #" + std::to_string(out.size() + 1) +
+                                              ": " + drain_errors("not a PEM certificate"));
 }
 
 expected<pkey_ptr> parse_private_key(const std::string& pem, const std::string& label) {

@@ -3,6 +3,9 @@
 #include "gateway/certs.hpp"  // format_time
 
 #include <openssl/asn1.h>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/x509.h>
@@ -85,6 +88,35 @@ std::string verify_error(int code, int depth, const X509* bad) {
            std::to_string(depth) + "]";
   }
   return out;
+}
+
+void x509_free::operator()(X509* x) const noexcept { X509_free(x); }
+
+namespace {
+
+int no_password(char*, int, int, void*) { return 0; }
+
+}  // namespace
+
+pem_read read_pem_certificates(std::string_view pem, std::vector<x509_ptr>& out) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())),
+                                                &BIO_free);
+  if (!bio)
+    return pem_read::out_of_memory;
+  const auto before = out.size();
+  for (;;) {
+    x509_ptr cert(PEM_read_bio_X509(bio.get(), nullptr, &no_password, nullptr));
+    if (cert) {
+      out.push_back(std::move(cert));
+      continue;
+    }
+    auto e = ERR_peek_last_error();
+    if (out.size() > before && ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE) {
+      ERR_clear_error();  // the end of the input
+      return pem_read::end;
+    }
+    return pem_read::bad_block;
+  }
 }
 
 }  // namespace canopy::x509_text

@@ -8,9 +8,32 @@
 
 #include <openssl/types.h>  // X509, X509_NAME
 
+#include <memory>
 #include <string>
+#include <string_view>
+#include <vector>
 
 namespace canopy::x509_text {
+
+/// Frees an X509.
+struct x509_free {
+  void operator()(X509* x) const noexcept;
+};
+/// Owns an X509.
+using x509_ptr = std::unique_ptr<X509, x509_free>;
+
+/// How read_pem_certificates ended.
+enum class pem_read {
+  end,            ///< every block was a certificate, up to the end of the input
+  bad_block,      ///< a block is not a certificate (OpenSSL's error queue says why)
+  out_of_memory,  ///< the input could not be wrapped in a BIO
+};
+
+/// Appends every PEM certificate of `pem` to `out`, in order, never asking
+/// for a password; at a block that is not a certificate it stops (`out`
+/// holds those before it). Input with no certificate at all is bad_block.
+/// Callers format their own errors (the file, the certificate's position).
+pem_read read_pem_certificates(std::string_view pem, std::vector<x509_ptr>& out);
 
 /// The first CN of `name` as UTF-8, or "" if it has none (or `name` is null).
 std::string common_name(const X509_NAME* name);

@@ -228,8 +228,11 @@ void apply_next(agent_actor* self) {
   if (st.busy || st.queue.empty() || !st.cfg.modules)
     return;
   st.busy = true;
-  auto [dep, rp] = std::move(st.queue.front());
+  // Not a structured binding: clang 14 cannot capture one in a lambda.
+  auto job = std::move(st.queue.front());
   st.queue.pop_front();
+  auto& dep = job.first;
+  auto rp = job.second;
   auto count = dep.modules.size();
   reconcile(self, std::move(dep), [self, rp, count](expected<void> res) mutable {
     if (res) {
